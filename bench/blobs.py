@@ -1,0 +1,97 @@
+"""Blob store put+get against raw redis-py SET+GET of the same bytes, in the same run.
+
+    .venv/bin/python bench/blobs.py [--repeat N] [--redis-url URL]
+
+Prints, per size, the median time of both and the ratio raw / baton (1.0 = as fast as raw
+redis-py; the target is 0.8 or better at every size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.cli.cluster import free_port
+from services.cli.redis_server import redis_argv, wait_for_ping
+from services.common.blobs import BlobStore
+from services.common.tensors import tensor_bytes
+
+SIZES = [("256 KiB", 256 << 10), ("1 MiB", 1 << 20), ("16 MiB", 16 << 20), ("256 MiB", 256 << 20)]
+
+
+def median_time(fn, repeat: int, cleanup=lambda: None) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        cleanup()
+    return statistics.median(times)
+
+
+def measure(client: redis.Redis, store: BlobStore, size: int, repeat: int) -> tuple[float, float]:
+    """Median seconds of raw SET+GET and of BlobStore put+get for `size` bytes."""
+    t = torch.randn(size // 4)
+    data = bytes(tensor_bytes(t)[0])
+    handles: list = []
+
+    def raw():
+        client.set("bench:raw", data, ex=600)
+        assert len(client.get("bench:raw")) == size
+
+    def baton():
+        # A fresh blob per write, as stage outputs are; freed outside the timing.
+        handles.append(store.put_tensor(t))
+        assert store.get_tensor(handles[-1]).numel() == t.numel()
+
+    def free():
+        store.delete(handles.pop())
+
+    raw(), baton(), free()  # warm up connections and allocators
+    result = median_time(raw, repeat), median_time(baton, repeat, free)
+    client.delete("bench:raw")
+    return result
+
+
+def run(url: str, repeat: int) -> None:
+    client = redis.Redis.from_url(url)
+    store = BlobStore(client)
+    hiredis = redis.utils.HIREDIS_AVAILABLE
+    print(f"redis-py {redis.__version__}, hiredis {hiredis}, chunk {store.chunk_bytes >> 20} MiB, median of {repeat}")
+    print(f"{'size':>8} {'raw SET+GET':>12} {'baton put+get':>14} {'ratio':>6}")
+    for label, size in SIZES:
+        raw_s, baton_s = measure(client, store, size, repeat if size < (64 << 20) else max(3, repeat // 4))
+        print(f"{label:>8} {raw_s * 1e3:>10.2f}ms {baton_s * 1e3:>12.2f}ms {raw_s / baton_s:>6.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    args = parser.parse_args()
+    if args.redis_url:
+        run(args.redis_url, args.repeat)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        server = subprocess.Popen(redis_argv(port, Path(tmp)), stdout=subprocess.DEVNULL)
+        try:
+            wait_for_ping(port, server)
+            run(f"redis://127.0.0.1:{port}/0", args.repeat)
+        finally:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Baton: multi-model cooperative denoising as a cluster of gRPC services."""

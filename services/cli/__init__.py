@@ -1,0 +1,1 @@
+"""The `baton` command: one small module per verb."""

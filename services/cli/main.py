@@ -1,0 +1,30 @@
+"""`baton <verb>`: a registry of subcommands, each in its own module with `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Verb modules; each defines register(subparsers) and sets `func` on its parser.
+VERBS = ("serve", "up")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baton", description="Multi-model cooperative denoising as a cluster of gRPC services."
+    )
+    subparsers = parser.add_subparsers(dest="verb", metavar="<verb>", required=True)
+    for verb in VERBS:
+        importlib.import_module(f"services.cli.{verb}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

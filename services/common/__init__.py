@@ -1,0 +1,1 @@
+"""Shared runtime of Baton's services: blobs, latent spaces, gRPC plumbing, configuration."""

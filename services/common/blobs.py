@@ -1,0 +1,247 @@
+"""BlobStore: tensors and bytes in Redis, chunked, digest-checked, with a TTL on everything.
+
+Layout for a blob named N (all keys share the hash tag {N}, so one blob sits on one Redis
+Cluster slot):
+  <prefix>:blob:{N}                the manifest: a serialized BlobHandle (the header)
+  <prefix>:blob:{N}:<gen>:<i>      chunk i of generation gen, at most chunk_bytes long
+
+The header travels in the handle; a reader with a handle reads the chunks and checks the
+digest. A named blob (e.g. "<job>/<stage>") also gets a manifest, so that it can be found by
+name: chunks and manifest are written in one MULTI/EXEC, so the name only ever points at a
+complete blob. Each write is a new generation, so rewriting N never changes the bytes a reader
+of an older generation is reading; the old chunks get a short grace TTL instead. An anonymous
+blob (no name given) has no manifest: nobody can find it before its handle is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from typing import cast
+
+import redis
+import torch
+import xxhash
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.api.baton.v1 import handles_pb2 as pb
+from services.common.errors import BlobCorrupt, BlobNotFound, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.redis_conn import Client
+from services.common.tensors import tensor_bytes, tensor_from_bytes
+
+TENSOR = "application/x-baton-tensor"
+OCTET = "application/octet-stream"
+DIGEST_PREFIX = "xxh3-128:"
+# How long the chunks of an overwritten generation stay readable for readers already holding it.
+OVERWRITE_GRACE_S = 60.0
+
+
+def digest(data: bytes | bytearray | memoryview) -> str:
+    return DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(data)
+
+
+@contextlib.contextmanager
+def _redis_errors(key: str) -> Iterator[None]:
+    """Redis failures as Baton errors: a full Redis is RESOURCE_EXHAUSTED, a gone one UNAVAILABLE."""
+    try:
+        yield
+    except redis.exceptions.ResponseError as exc:
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc) or str(exc).startswith("OOM"):
+            raise ResourceExhausted(f"Redis is out of memory writing {key}: {exc}") from exc
+        raise
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise Unavailable(f"Redis unreachable for {key}: {exc}") from exc
+
+
+class BlobStore:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        prefix: str = "baton",
+        chunk_bytes: int = 4 << 20,
+        ttl_s: float = 3600.0,
+    ):
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be positive")
+        self.redis = client
+        self.prefix = prefix
+        self.chunk_bytes = chunk_bytes
+        self.ttl_s = ttl_s
+
+    # -- keys ------------------------------------------------------------------------------
+    def key_for(self, name: str) -> str:
+        if not name or "{" in name or "}" in name:
+            raise InvalidArgument(f"blob name {name!r} must be non-empty and free of braces")
+        return f"{self.prefix}:blob:{{{name}}}"
+
+    @staticmethod
+    def _chunk_keys(handle: pb.BlobHandle) -> list[str]:
+        count = max(1, -(-handle.byte_size // handle.chunk_bytes)) if handle.chunk_bytes else 1
+        return [f"{handle.key}:{handle.generation}:{i}" for i in range(count)]
+
+    # -- write -----------------------------------------------------------------------------
+    def put_bytes(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        media_type: str = OCTET,
+        name: str | None = None,
+        ttl_s: float | None = None,
+        dtype: pb.DType = pb.DTYPE_UNSPECIFIED,
+        shape: list[int] | None = None,
+    ) -> pb.BlobHandle:
+        """Writes `data` under `name` (a fresh one when None) and returns its handle."""
+        view = memoryview(data).cast("B")
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        if ttl <= 0:
+            raise InvalidArgument(f"blob TTL must be positive, got {ttl}")
+        now_ms = time.time_ns() // 1_000_000
+        expire_ms = now_ms + int(ttl * 1000)
+        handle = pb.BlobHandle(
+            key=self.key_for(name or uuid.uuid4().hex),
+            generation=time.time_ns(),
+            media_type=media_type,
+            dtype=dtype,
+            shape=shape or [],
+            byte_size=len(view),
+            digest=digest(view),
+            chunk_bytes=self.chunk_bytes,
+            expires_at=Timestamp(seconds=expire_ms // 1000, nanos=(expire_ms % 1000) * 1_000_000),
+        )
+        chunks = [view[i : i + self.chunk_bytes] for i in range(0, max(len(view), 1), self.chunk_bytes)]
+        keys = self._chunk_keys(handle)
+        with _redis_errors(handle.key):
+            if name is None:
+                self._write_chunks(keys, chunks, expire_ms)
+                return handle
+            # MULTI/EXEC: chunks first, manifest last, all or nothing. Out of memory, Redis
+            # refuses a command at queue time, which discards the whole transaction.
+            pipe = self.redis.pipeline(transaction=True)
+            for key, chunk in zip(keys, chunks, strict=True):
+                pipe.set(key, chunk, pxat=expire_ms)
+            pipe.set(handle.key, handle.SerializeToString(), pxat=expire_ms, get=True)
+            previous = pipe.execute()[-1]
+        if previous is not None:
+            self._retire(_parse_manifest(handle.key, previous), now_ms)
+        return handle
+
+    def _write_chunks(self, keys: list[str], chunks: list[memoryview], expire_ms: int) -> None:
+        """Writes an anonymous blob: nobody can name it before its handle is returned."""
+        if len(keys) == 1:
+            self.redis.set(keys[0], chunks[0], pxat=expire_ms)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key, chunk in zip(keys, chunks, strict=True):
+            pipe.set(key, chunk, pxat=expire_ms)
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            with contextlib.suppress(redis.exceptions.RedisError):  # free the chunks that did land
+                self.redis.unlink(*keys)
+            raise
+
+    def put_tensor(self, t: torch.Tensor, *, name: str | None = None, ttl_s: float | None = None) -> pb.BlobHandle:
+        raw, dtype, shape = tensor_bytes(t)
+        return self.put_bytes(raw, media_type=TENSOR, name=name, ttl_s=ttl_s, dtype=dtype, shape=shape)
+
+    def _retire(self, old: pb.BlobHandle, now_ms: int) -> None:
+        """Lets an overwritten generation's chunks live only a grace period longer."""
+        old_expiry_ms = old.expires_at.seconds * 1000 + old.expires_at.nanos // 1_000_000
+        until = min(old_expiry_ms, now_ms + int(OVERWRITE_GRACE_S * 1000))
+        with _redis_errors(old.key):
+            pipe = self.redis.pipeline(transaction=False)
+            for key in self._chunk_keys(old):
+                pipe.pexpireat(key, until)
+            pipe.execute()
+
+    # -- read ------------------------------------------------------------------------------
+    def head(self, key_or_name: str) -> pb.BlobHandle:
+        """The handle of the latest generation under a key (or blob name)."""
+        key = key_or_name if key_or_name.startswith(f"{self.prefix}:blob:{{") else self.key_for(key_or_name)
+        with _redis_errors(key):
+            raw = cast(bytes | None, self.redis.get(key))
+        if raw is None:
+            raise BlobNotFound(f"blob {key} does not exist or has expired")
+        return _parse_manifest(key, raw)
+
+    def resolve(self, ref: pb.BlobHandle | str) -> pb.BlobHandle:
+        """A full handle: as given, or the latest one for a key, name, or key-only handle."""
+        if isinstance(ref, str):
+            return self.head(ref)
+        if not ref.digest:
+            return self.head(ref.key)
+        return ref
+
+    def get_bytes(self, ref: pb.BlobHandle | str) -> bytearray:
+        """The blob's bytes, verified against the handle's digest."""
+        handle = self.resolve(ref)
+        keys = self._chunk_keys(handle)
+        with _redis_errors(handle.key):
+            if len(keys) == 1:
+                parts = [cast(bytes | None, self.redis.get(keys[0]))]
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                for key in keys:
+                    pipe.get(key)
+                parts = pipe.execute()
+        out = bytearray(handle.byte_size)
+        pos = 0
+        for key, part in zip(keys, parts, strict=True):
+            if part is None:
+                raise BlobNotFound(
+                    f"blob {handle.key} (generation {handle.generation}) has expired or was deleted: {key} is gone"
+                )
+            if pos + len(part) > len(out):
+                raise BlobCorrupt(
+                    f"blob {handle.key}: chunks hold more than the {handle.byte_size} bytes its header says"
+                )
+            out[pos : pos + len(part)] = part
+            pos += len(part)
+        if pos != handle.byte_size:
+            raise BlobCorrupt(f"blob {handle.key}: chunks hold {pos} bytes, header says {handle.byte_size}")
+        found = digest(out)
+        if found != handle.digest:
+            raise BlobCorrupt(f"blob {handle.key}: digest {found} does not match the handle's {handle.digest}")
+        return out
+
+    def get_tensor(self, ref: pb.BlobHandle | str) -> torch.Tensor:
+        handle = self.resolve(ref)
+        if handle.media_type != TENSOR:
+            raise InvalidArgument(f"blob {handle.key} holds {handle.media_type!r}, not a tensor")
+        return tensor_from_bytes(self.get_bytes(handle), handle.dtype, list(handle.shape))
+
+    # -- lifetime --------------------------------------------------------------------------
+    def delete(self, ref: pb.BlobHandle | str) -> None:
+        """Frees a blob (its manifest, and the chunks of the named generation) with UNLINK."""
+        try:
+            handle = self.resolve(ref)
+        except BlobNotFound:
+            return
+        with _redis_errors(handle.key):
+            latest = cast(bytes | None, self.redis.get(handle.key))
+            keys = self._chunk_keys(handle)
+            if latest is not None and _parse_manifest(handle.key, latest).generation == handle.generation:
+                keys.append(handle.key)
+            self.redis.unlink(*keys)
+
+    def exists(self, ref: pb.BlobHandle | str) -> bool:
+        try:
+            handle = self.resolve(ref)
+        except BlobNotFound:
+            return False
+        with _redis_errors(handle.key):
+            return self.redis.exists(*self._chunk_keys(handle)) == len(self._chunk_keys(handle))
+
+
+def _parse_manifest(key: str, raw: bytes) -> pb.BlobHandle:
+    handle = pb.BlobHandle()
+    try:
+        handle.ParseFromString(raw)
+    except Exception as exc:  # protobuf raises DecodeError, and more on garbage
+        raise BlobCorrupt(f"blob {key}: manifest is not a BlobHandle") from exc
+    if handle.key != key:
+        raise BlobCorrupt(f"blob {key}: manifest names {handle.key!r}")
+    return handle

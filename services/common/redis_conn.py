@@ -1,0 +1,34 @@
+"""Connects to a single Redis or a Redis Cluster from one URL."""
+
+from __future__ import annotations
+
+import redis
+from redis.cluster import RedisCluster
+
+from services.common.errors import Unavailable
+
+Client = redis.Redis | RedisCluster
+
+
+def connect(url: str, cluster: str = "auto") -> Client:
+    """A client for `url`; cluster is "yes", "no", or "auto" (ask the server's INFO)."""
+    if cluster == "auto":
+        probe = redis.Redis.from_url(url)
+        try:
+            enabled = probe.info("cluster").get("cluster_enabled") == 1
+        except redis.ConnectionError as exc:
+            raise Unavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
+        finally:
+            probe.close()
+        cluster = "yes" if enabled else "no"
+    if cluster == "yes":
+        return RedisCluster.from_url(url)
+    return redis.Redis.from_url(url)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"

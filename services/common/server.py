@@ -1,0 +1,151 @@
+"""The service runtime every Baton service runs in.
+
+gRPC (asyncio) with health checking and reflection, one status interceptor, raised message
+limits, Prometheus metrics over HTTP, structured logs, settings from flags and env vars, and
+a graceful drain on SIGTERM: health goes NOT_SERVING, in-flight calls get `grace-period`
+seconds to finish, then the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.common.blobs import BlobStore
+from services.common.config import Setting, build_parser
+from services.common.errors import Unavailable
+from services.common.interceptor import StatusInterceptor
+from services.common.logs import setup_logging
+from services.common.redis_conn import Client, connect, redact
+
+log = logging.getLogger("baton.server")
+
+
+@dataclass
+class Mount:
+    """A servicer and the generated function that adds it to a server."""
+
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    # Full service name, e.g. "baton.v1.Denoiser", for health and reflection.
+    name: str
+
+
+@dataclass
+class Service:
+    """What a service is: its name, settings, and how to build its servicers."""
+
+    name: str
+    description: str
+    settings: Sequence[Setting]
+    build: Callable[[argparse.Namespace, Runtime], list[Mount]]
+
+
+@dataclass
+class Runtime:
+    """What a service's servicers share: settings and the Redis-backed blob store."""
+
+    settings: argparse.Namespace
+    redis: Client
+    store: BlobStore
+    _closers: list[Callable[[], Any]] = field(default_factory=list)
+
+    def on_shutdown(self, fn: Callable[[], Any]) -> None:
+        """Runs `fn` (sync or async) after the server has drained."""
+        self._closers.append(fn)
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def connect_redis(settings: argparse.Namespace, wait_s: float = 20.0) -> Client:
+    """Connects, retrying for a while: Redis may come up after us (compose, Kubernetes)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client = connect(settings.redis_url, settings.redis_cluster)
+            client.ping()
+            return client
+        except Exception as exc:  # ConnectionError, Unavailable, cluster not ready yet
+            if time.monotonic() > deadline:
+                raise Unavailable(f"cannot reach Redis at {redact(settings.redis_url)}: {exc}") from exc
+            time.sleep(0.5)
+
+
+def make_runtime(settings: argparse.Namespace) -> Runtime:
+    client = connect_redis(settings)
+    store = BlobStore(client, chunk_bytes=settings.blob_chunk_bytes, ttl_s=settings.blob_ttl)
+    return Runtime(settings=settings, redis=client, store=store)
+
+
+async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime) -> None:
+    """Serves until SIGTERM/SIGINT, then drains."""
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor()],
+        options=grpc_options(settings.max_message_bytes),
+        maximum_concurrent_rpcs=settings.max_concurrency,
+    )
+    mounts = service.build(settings, runtime)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for mount in mounts:
+        mount.add_to_server(mount.servicer, server)
+    names = [m.name for m in mounts]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "%s serving",
+        service.name,
+        extra={"address": f"{settings.host}:{port}", "metrics_port": settings.metrics_port, "services": names},
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("%s draining", service.name, extra={"grace_period_s": settings.grace_period})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.grace_period)
+    for close in runtime._closers:
+        result = close()
+        if asyncio.iscoroutine(result):
+            await result
+    log.info("%s stopped", service.name)
+
+
+def main(service: Service, argv: Sequence[str] | None = None) -> int:
+    """Entry point of `baton serve <service>` and `python -m services.<service>`."""
+    parser = build_parser(f"baton serve {service.name}", service.description, service.settings)
+    settings = parser.parse_args(argv)
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        runtime = make_runtime(settings)
+    except Unavailable as exc:
+        log.error("%s cannot start: %s", service.name, exc)
+        return 1
+    asyncio.run(serve(service, settings, runtime))
+    return 0

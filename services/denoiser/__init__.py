@@ -1,0 +1,1 @@
+"""Denoiser service: partial-denoise windows of one model's schedule; encode and decode."""

@@ -1,0 +1,1 @@
+"""Interposer service: latent-space conversion between model families."""

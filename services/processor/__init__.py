@@ -1,0 +1,1 @@
+"""Processor service: latents processors (noise, scale, interposer, ...) run as chains."""

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+
+from services.common.blobs import BlobStore
+from services.common.redis_conn import connect
+from tests.redis_fixtures import redis_cluster, redis_server
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory) -> str:
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
+        yield url
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_client(request):
+    """A client of a real single Redis, then of a real 3-master Redis Cluster."""
+    url = request.getfixturevalue("redis_url" if request.param == "single" else "redis_cluster_url")
+    client = connect(url, "auto")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(redis_client) -> BlobStore:
+    return BlobStore(redis_client, chunk_bytes=1 << 20, ttl_s=600)

@@ -1,0 +1,114 @@
+"""`baton up`: a real local cluster of subprocesses, SERVING, and gone after a signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.cli.cluster import health_status
+from services.common.api.baton.v1 import (
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    interposer_pb2,
+    interposer_pb2_grpc,
+    processor_pb2,
+    processor_pb2_grpc,
+)
+from tests.reflection import list_services
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICES = {
+    "gateway": "baton.v1.Gateway",
+    "denoiser": "baton.v1.Denoiser",
+    "interposer": "baton.v1.Interposer",
+    "processor": "baton.v1.Processor",
+}
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie no one has reaped yet counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def start_up(tmp_path: Path) -> tuple[subprocess.Popen, dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BATON_REDIS_URL")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--json", "--log-dir", str(tmp_path / "logs")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    line = process.stdout.readline()
+    assert line, f"baton up printed nothing: {process.stderr.read()}"
+    return process, json.loads(line)
+
+
+def wait_gone(pids: list[int], timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    process, info = start_up(tmp_path)
+    yield process, info
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_up_serves_all_four_services_with_health_and_reflection(cluster):
+    _, info = cluster
+    assert set(info) == {"redis", *SERVICES}
+    assert info["redis"]["url"].startswith("redis://127.0.0.1:")
+    for name, full_name in SERVICES.items():
+        address = info[name]["address"]
+        assert health_status(address) == "SERVING"
+        assert health_status(address, service=full_name) == "SERVING"
+        assert full_name in list_services(address)
+
+
+def test_services_without_engines_answer_unimplemented(cluster):
+    _, info = cluster
+    calls = [
+        ("denoiser", denoiser_pb2_grpc.DenoiserStub, "ListModels", denoiser_pb2.ListModelsRequest()),
+        ("interposer", interposer_pb2_grpc.InterposerStub, "ListConversions", interposer_pb2.ListConversionsRequest()),
+        ("processor", processor_pb2_grpc.ProcessorStub, "ListProcessors", processor_pb2.ListProcessorsRequest()),
+        ("gateway", gateway_pb2_grpc.GatewayStub, "Get", gateway_pb2.GetJobRequest(job_id="x")),
+    ]
+    for name, stub_class, method, request in calls:
+        with grpc.insecure_channel(info[name]["address"]) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                getattr(stub_class(channel), method)(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, (name, err.value.details())
+            assert "not implemented yet" in err.value.details()
+
+
+def test_sigterm_stops_every_process(cluster):
+    process, info = cluster
+    pids = [entry["pid"] for entry in info.values()]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    assert wait_gone(pids) == []
+
+
+def test_a_killed_up_leaves_no_process_behind(cluster):
+    process, info = cluster
+    pids = [entry["pid"] for entry in info.values()]
+    process.kill()
+    process.wait()
+    assert wait_gone(pids) == []
