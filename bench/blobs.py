@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +18,10 @@ from pathlib import Path
 import redis
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from services.cli.cluster import free_port
 from services.cli.redis_server import redis_argv, wait_for_ping
 from services.common.blobs import BlobStore
+from services.common.redis_conn import connect
 from services.common.tensors import tensor_bytes
 
 SIZES = [("256 KiB", 256 << 10), ("1 MiB", 1 << 20), ("16 MiB", 16 << 20), ("256 MiB", 256 << 20)]
@@ -44,28 +42,32 @@ def measure(client: redis.Redis, store: BlobStore, size: int, repeat: int) -> tu
     t = torch.randn(size // 4)
     data = bytes(tensor_bytes(t)[0])
     handles: list = []
+    keys: list[str] = []
 
+    # Both write a fresh key each time, as stage outputs are, and free it outside the timing,
+    # so both pay the same allocation in Redis.
     def raw():
-        client.set("bench:raw", data, ex=600)
-        assert len(client.get("bench:raw")) == size
+        keys.append(f"bench:raw:{len(keys)}")
+        client.set(keys[-1], data, ex=600)
+        assert len(client.get(keys[-1])) == size
+
+    def raw_free():
+        client.unlink(keys[-1])
 
     def baton():
-        # A fresh blob per write, as stage outputs are; freed outside the timing.
         handles.append(store.put_tensor(t))
         assert store.get_tensor(handles[-1]).numel() == t.numel()
 
-    def free():
+    def baton_free():
         store.delete(handles.pop())
 
-    raw(), baton(), free()  # warm up connections and allocators
-    result = median_time(raw, repeat), median_time(baton, repeat, free)
-    client.delete("bench:raw")
-    return result
+    raw(), raw_free(), baton(), baton_free()  # warm up connections and allocators
+    return median_time(raw, repeat, raw_free), median_time(baton, repeat, baton_free)
 
 
 def run(url: str, repeat: int) -> None:
-    client = redis.Redis.from_url(url)
-    store = BlobStore(client)
+    client = redis.Redis.from_url(url)  # plain redis-py, as a user would write it
+    store = BlobStore(connect(url, "no"))
     hiredis = redis.utils.HIREDIS_AVAILABLE
     print(f"redis-py {redis.__version__}, hiredis {hiredis}, chunk {store.chunk_bytes >> 20} MiB, median of {repeat}")
     print(f"{'size':>8} {'raw SET+GET':>12} {'baton put+get':>14} {'ratio':>6}")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Verb modules; each defines register(subparsers) and sets `func` on its parser.
-VERBS = ("serve", "up")
+VERBS = ("serve", "up", "dev")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import redis
+from redis._parsers import Encoder
 from redis.cluster import RedisCluster
+from redis.connection import PythonRespSerializer
 
 from services.common.errors import Unavailable
 
@@ -22,8 +24,14 @@ def connect(url: str, cluster: str = "auto") -> Client:
             probe.close()
         cluster = "yes" if enabled else "no"
     if cluster == "yes":
-        return RedisCluster.from_url(url)
-    return redis.Redis.from_url(url)
+        return RedisCluster.from_url(url, command_packer=_zero_copy_packer())
+    return redis.Redis.from_url(url, command_packer=_zero_copy_packer())
+
+
+def _zero_copy_packer() -> PythonRespSerializer:
+    """redis-py's hiredis packer copies every memoryview into bytes first; the pure-Python one
+    sends big values straight from the tensor's memory. Replies are still parsed by hiredis."""
+    return PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 
 
 def redact(url: str) -> str:

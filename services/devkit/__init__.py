@@ -1,0 +1,1 @@
+"""Tiny, randomly initialised but real diffusers pipelines, built offline for tests and first runs."""
