@@ -40,10 +40,11 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
-	$(VENV)/bin/mypy services/common
+	$(VENV)/bin/mypy services/common services/denoiser
 
 bench: setup
 	$(PY) bench/blobs.py
+	$(PY) bench/denoise.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

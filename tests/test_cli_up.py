@@ -85,7 +85,6 @@ def test_up_serves_all_four_services_with_health_and_reflection(cluster):
 def test_services_without_engines_answer_unimplemented(cluster):
     _, info = cluster
     calls = [
-        ("denoiser", denoiser_pb2_grpc.DenoiserStub, "ListModels", denoiser_pb2.ListModelsRequest()),
         ("interposer", interposer_pb2_grpc.InterposerStub, "ListConversions", interposer_pb2.ListConversionsRequest()),
         ("processor", processor_pb2_grpc.ProcessorStub, "ListProcessors", processor_pb2.ListProcessorsRequest()),
         ("gateway", gateway_pb2_grpc.GatewayStub, "Get", gateway_pb2.GetJobRequest(job_id="x")),
@@ -96,6 +95,13 @@ def test_services_without_engines_answer_unimplemented(cluster):
                 getattr(stub_class(channel), method)(request, timeout=10)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, (name, err.value.details())
             assert "not implemented yet" in err.value.details()
+
+
+def test_the_denoiser_answers_with_no_models_loaded(cluster):
+    _, info = cluster
+    with grpc.insecure_channel(info["denoiser"]["address"]) as channel:
+        reply = denoiser_pb2_grpc.DenoiserStub(channel).ListModels(denoiser_pb2.ListModelsRequest(), timeout=10)
+    assert list(reply.models) == []
 
 
 def test_sigterm_stops_every_process(cluster):

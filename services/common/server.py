@@ -60,10 +60,15 @@ class Runtime:
     redis: Client
     store: BlobStore
     _closers: list[Callable[[], Any]] = field(default_factory=list)
+    _warmups: list[Callable[[], Any]] = field(default_factory=list)
 
     def on_shutdown(self, fn: Callable[[], Any]) -> None:
         """Runs `fn` (sync or async) after the server has drained."""
         self._closers.append(fn)
+
+    def before_serving(self, fn: Callable[[], Any]) -> None:
+        """Runs blocking `fn` (e.g. preloading models) after start; health says SERVING once all are done."""
+        self._warmups.append(fn)
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -113,6 +118,10 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    for warmup in runtime._warmups:  # alive (health answers) but not ready until warm
+        await asyncio.to_thread(warmup)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(

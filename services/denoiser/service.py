@@ -1,17 +1,70 @@
-"""The denoiser service's settings and servicers."""
+"""The denoiser service: settings, and the engine and servicer built from them."""
 
 from __future__ import annotations
 
-from services.common.api.baton.v1 import denoiser_pb2, denoiser_pb2_grpc
-from services.common.config import service_settings
-from services.common.server import Mount, Service
-from services.common.unimplemented import unimplemented_mount
+from concurrent.futures import ThreadPoolExecutor
 
-SETTINGS = service_settings(port=50052, metrics_port=9152)
+from services.common.api.baton.v1 import denoiser_pb2_grpc
+from services.common.config import Setting, parse_bool, service_settings
+from services.common.server import Mount, Service
+
+SETTINGS = service_settings(
+    port=50052,
+    metrics_port=9152,
+    extra=(
+        Setting("device", "auto", "torch device for models: auto picks cuda when there is one, else cpu"),
+        Setting("dtype", "auto", "model dtype: auto is float16 on GPUs, float32 on CPU",
+                choices=("auto", "float32", "float16", "bfloat16")),
+        Setting("models", "", "aliases, name=source[,name=source]: sources are hub ids, folders or .safetensors"),
+        Setting("preload", "", "models (names or sources, comma-separated) loaded before health says SERVING"),
+        Setting("max-models", 2, "models kept loaded across jobs (least recently used goes first)", int),
+        Setting("memory-budget-gb", 0.0, "device memory for resident models; 0 = no limit", float),
+        Setting("offload-idle", True, "move idle models to host memory over the budget instead of unloading",
+                parse_bool),
+        Setting("load-on-demand", True, "load a model a request names; off serves only loaded models", parse_bool),
+        Setting("concurrency", 1, "denoise jobs run at once (each holds its model's lock)", int),
+    ),
+)  # fmt: skip
+
+
+def parse_aliases(text: str) -> dict[str, str]:
+    aliases = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise SystemExit(f"BATON_MODELS: expected name=source, got {item!r}")
+        aliases[name.strip()] = source.strip()
+    return aliases
 
 
 def build(settings, runtime) -> list[Mount]:
-    return [unimplemented_mount(denoiser_pb2, denoiser_pb2_grpc, "Denoiser", "the denoiser engine lands with issue 3")]
+    import torch
+
+    from services.denoiser.cache import ModelCache
+    from services.denoiser.engine import DenoiseEngine
+    from services.denoiser.models import LoadOptions, load_model, parse_dtype
+    from services.denoiser.servicer import DenoiserServicer
+
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.dtype != "auto":
+        dtype = parse_dtype(settings.dtype)
+    else:
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    cache = ModelCache(
+        load_model,
+        defaults=LoadOptions(dtype=dtype, device=device),
+        aliases=parse_aliases(settings.models),
+        max_models=settings.max_models,
+        budget_bytes=int(settings.memory_budget_gb * (1 << 30)),
+        offload_idle=settings.offload_idle,
+        load_on_demand=settings.load_on_demand,
+    )
+    executor = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="denoise")
+    for name in filter(None, (p.strip() for p in settings.preload.split(","))):
+        runtime.before_serving(lambda name=name: cache.load(name))
+    runtime.on_shutdown(lambda: executor.shutdown(wait=False, cancel_futures=True))
+    servicer = DenoiserServicer(DenoiseEngine(runtime.store, cache), cache, executor)
+    return [Mount(servicer, denoiser_pb2_grpc.add_DenoiserServicer_to_server, "baton.v1.Denoiser")]
 
 
 SERVICE = Service("denoiser", "Partial-denoise windows of one model's schedule; encode and decode.", SETTINGS, build)

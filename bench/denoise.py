@@ -1,0 +1,118 @@
+"""The same denoise job through the Denoiser service (warm) and through in-process diffusers.
+
+    .venv/bin/python bench/denoise.py [--configs tiny,medium] [--steps N] [--repeat N]
+
+Builds random SD 1.x models (tiny: diffusers' test config at 32x32 latents; medium: UNet
+(128, 256, 512) at 64x64 latents), starts Redis and a denoiser subprocess, and times a full
+text-to-image run both ways in the same run. The ratio is service / diffusers (lower is better;
+the target is 1.05 or better on the medium config). The service time is what a client sees:
+the gRPC stream of step events, the window, and the latents written to Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from diffusers import StableDiffusionPipeline
+
+from services.cli.cluster import free_port, health_status
+from services.cli.redis_server import redis_argv, wait_for_ping
+from services.common.api.baton.v1 import denoiser_pb2 as dpb
+from services.common.api.baton.v1 import denoiser_pb2_grpc
+from services.devkit.tiny_models import build
+
+CONFIGS = {"tiny": ("tiny", 64), "medium": ("medium", 512)}  # model size, image side in pixels
+PROMPT = "a photo of a mountain landscape at night"
+
+
+def median(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def start_denoiser(redis_url: str, models: dict[str, Path], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "BATON_HOST": "127.0.0.1",
+        "BATON_PORT": str(port),
+        "BATON_METRICS_PORT": "0",
+        "BATON_REDIS_URL": redis_url,
+        "BATON_MODELS": ",".join(f"{name}={path}" for name, path in models.items()),
+        "BATON_PRELOAD": ",".join(models),
+        "HF_HUB_OFFLINE": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.denoiser"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    address = f"127.0.0.1:{port}"
+    while health_status(address) != "SERVING":
+        if process.poll() is not None:
+            raise SystemExit(f"denoiser exited: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return process, address
+
+
+def compare(stub, name: str, path: Path, side: int, steps: int, repeat: int) -> tuple[float, float, int]:
+    """Median seconds in process and through the service, and the latent side length."""
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    vsf = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    request = dpb.DenoiseRequest(model=name, prompt=PROMPT, steps=steps, seed=1, width=side, height=side)
+
+    def in_process():
+        generator = torch.Generator("cpu").manual_seed(1)
+        pipe(PROMPT, num_inference_steps=steps, generator=generator, output_type="latent", width=side, height=side)
+
+    def through_service():
+        events = list(stub.Denoise(request, timeout=3600))
+        assert events[-1].HasField("result")
+
+    in_process(), through_service()  # warm both
+    return median(in_process, repeat), median(through_service, repeat), side // vsf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="tiny,medium")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    configs = args.configs.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        models = {name: build("sd1", root / name, size=CONFIGS[name][0]) for name in configs}
+        port = free_port()
+        redis = subprocess.Popen(redis_argv(port, root), stdout=subprocess.DEVNULL)
+        wait_for_ping(port, redis)
+        denoiser, address = start_denoiser(f"redis://127.0.0.1:{port}/0", models, root / "denoiser.log")
+        try:
+            stub = denoiser_pb2_grpc.DenoiserStub(grpc.insecure_channel(address))
+            threads = torch.get_num_threads()
+            print(f"torch {torch.__version__}, {threads} threads, {args.steps} steps, median of {args.repeat}")
+            print(f"{'config':>8} {'latents':>8} {'diffusers':>10} {'service':>10} {'ratio':>6}")
+            for name in configs:
+                base, ours, latent = compare(stub, name, models[name], CONFIGS[name][1], args.steps, args.repeat)
+                print(f"{name:>8} {latent:>5}^2 {base:>9.3f}s {ours:>9.3f}s {ours / base:>6.3f}", flush=True)
+        finally:
+            denoiser.terminate()
+            denoiser.wait()
+            redis.terminate()
+            redis.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""DenoiseEngine: a DenoiseRequest in, a LatentHandle out. Plain Python: blobs, models, torch.
+
+It resolves handles to tensors and images, checks everything a model cannot take (with the
+field named), picks the scheduler and its carried-over state, runs the family's window under
+the model's lock, and writes the result with all the metadata a next stage needs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from google.protobuf.json_format import MessageToDict
+from PIL import Image
+
+from services.common.api.baton.v1 import denoiser_pb2 as dpb
+from services.common.api.baton.v1 import handles_pb2 as pb
+from services.common.blobs import BlobStore
+from services.common.errors import BatonError, Cancelled, DeadlineExceeded, InvalidArgument
+from services.denoiser import schedulers, vae
+from services.denoiser.cache import ModelCache
+from services.denoiser.families.base import (
+    CONTINUE,
+    FROM_NOISE,
+    IMG2IMG,
+    INPAINT,
+    TXT2IMG,
+    StepHooks,
+    WindowJob,
+    WindowResult,
+)
+from services.denoiser.models import LoadedModel
+from services.denoiser.window import DenoiseWindow, cutoff
+
+log = logging.getLogger("baton.denoiser")
+
+MAX_STEPS = 1000
+STATE_MEDIA_TYPE = "application/x-safetensors"
+
+
+@dataclass
+class Incoming:
+    """The starting latents of a request, read and checked."""
+
+    handle: pb.LatentHandle
+    tensor: torch.Tensor
+
+    @property
+    def level(self) -> float:
+        return self.handle.noise.fraction
+
+
+class EngineHooks(StepHooks):
+    """Cancellation, deadline and progress for one request."""
+
+    def __init__(self, model: LoadedModel, on_step: Callable[[dpb.StepEvent], None], cancelled: Callable[[], bool],
+                 deadline: float | None, preview_every: int):  # fmt: skip
+        self.model = model
+        self.on_step = on_step
+        self.cancelled = cancelled
+        self.deadline = deadline
+        self.preview_every = preview_every
+        self.start = time.monotonic()
+
+    def before(self, index: int, total: int) -> None:
+        if self.cancelled():
+            raise Cancelled(f"cancelled before step {index + 1} of {total}")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(f"deadline passed before step {index + 1} of {total}")
+
+    def after(self, index: int, total: int, timestep: float, latents: torch.Tensor) -> None:
+        event = dpb.StepEvent(step=index + 1, total=total, timestep=timestep, elapsed_s=time.monotonic() - self.start)
+        if self.preview_every and ((index + 1) % self.preview_every == 0 or index + 1 == total):
+            event.preview_png = self.model.space.preview_png(latents)
+        self.on_step(event)
+
+
+def _located(field: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except BatonError as exc:
+        raise exc.at(field=field) from exc
+
+
+class DenoiseEngine:
+    def __init__(self, store: BlobStore, cache: ModelCache):
+        self.store = store
+        self.cache = cache
+
+    # -- Denoise ---------------------------------------------------------------------------
+    def denoise(
+        self,
+        req: dpb.DenoiseRequest,
+        on_step: Callable[[dpb.StepEvent], None] = lambda e: None,
+        cancelled: Callable[[], bool] = lambda: False,
+        deadline: float | None = None,
+    ) -> pb.LatentHandle:
+        if not 0 < req.steps <= MAX_STEPS:
+            raise InvalidArgument(f"steps must be in 1..{MAX_STEPS}, got {req.steps}", field="steps")
+        window = DenoiseWindow(
+            req.denoising_start if req.HasField("denoising_start") else 0.0,
+            req.denoising_end if req.HasField("denoising_end") else 1.0,
+        )
+        if req.HasField("strength") and not 0.0 < req.strength <= 1.0:
+            raise InvalidArgument(f"strength must be in (0, 1], got {req.strength}", field="strength")
+        with self.cache.use(req.model) as model:
+            incoming = self._incoming(req, model)
+            job, caps = self._job(req, model, window, incoming)
+            hooks = EngineHooks(model, on_step, cancelled, deadline, req.preview_every)
+            with model.lock, torch.no_grad():
+                result = model.family.run(model, job, hooks)
+            return self._output(req, model, job, caps, result)
+
+    def _incoming(self, req: dpb.DenoiseRequest, model: LoadedModel) -> Incoming | None:
+        if not req.latents.blob.key:
+            return None
+        handle = req.latents
+        if handle.space and handle.space != model.space.id:
+            raise InvalidArgument(
+                f"latents are in the {handle.space!r} latent space but {req.model} works in {model.space.id!r}; "
+                "convert them with an interpose stage first",
+                field="latents.space",
+            )
+        tensor = _located("latents", lambda: self.store.get_tensor(handle.blob))
+        if tensor.ndim == 3:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 4 or tensor.shape[1] != model.latent_channels:
+            raise InvalidArgument(
+                f"latents of shape {list(tensor.shape)} do not fit {req.model}: it takes "
+                f"[B, {model.latent_channels}, H, W]",
+                field="latents",
+            )
+        if not torch.isfinite(tensor).all():
+            raise InvalidArgument("latents contain NaN or inf values", field="latents")
+        if handle.scaling == pb.LATENT_SCALING_RAW:
+            tensor = model.space.to_model(tensor)
+        return Incoming(handle, tensor)
+
+    def _mode(self, req: dpb.DenoiseRequest, window: DenoiseWindow, incoming: Incoming | None) -> str:
+        has_image = bool(req.image.key)
+        if req.mask.key:
+            if not has_image:
+                raise InvalidArgument("inpainting needs the image the mask applies to", field="image")
+            return INPAINT
+        if has_image:
+            if incoming is not None:
+                raise InvalidArgument("give either an image or latents to start from, not both", field="image")
+            return IMG2IMG
+        if incoming is None:
+            if window.start > 0:
+                raise InvalidArgument(
+                    f"a window starting at {window.start} continues latents: give the latents of the stage "
+                    f"that ran up to {window.start}",
+                    field="latents",
+                )
+            return TXT2IMG
+        if incoming.level >= 1.0:
+            return IMG2IMG
+        return CONTINUE if incoming.level > 0.0 else FROM_NOISE
+
+    def _job(
+        self, req: dpb.DenoiseRequest, model: LoadedModel, window: DenoiseWindow, incoming: Incoming | None
+    ) -> tuple[WindowJob, schedulers.SchedulerCaps]:
+        mode = self._mode(req, window, incoming)
+        partial_in = incoming is not None and 0.0 < incoming.level < 1.0
+        if partial_in:
+            assert incoming is not None
+            level = incoming.level
+            if req.HasField("denoising_start") and not math.isclose(req.denoising_start, level, abs_tol=1e-6):
+                raise InvalidArgument(
+                    f"denoising_start {req.denoising_start} does not match the noise level the latents were left "
+                    f"at ({level}); leave it unset to continue from there",
+                    field="denoising_start",
+                )
+            window = DenoiseWindow(level, window.end)
+        elif mode in (IMG2IMG, INPAINT) and window.start > 0:
+            raise InvalidArgument(
+                "img2img and inpainting start where `strength` says; denoising_start continues partial latents",
+                field="denoising_start",
+            )
+        scheduler, caps, restore = self._scheduler(req, model, incoming)
+        if window.partial:
+            schedulers.check_can_split(caps)
+
+        image = _located("image", lambda: self._image(req.image, "RGB")) if req.image.key else None
+        mask = _located("mask", lambda: self._image(req.mask, "L")) if req.mask.key else None
+        width, height = self._size(req, model, incoming, image)
+        strength = req.strength if req.HasField("strength") else model.family.default_strength(mode)
+        if incoming is not None and incoming.handle.seed and not req.HasField("seed"):
+            seed = incoming.handle.seed
+        else:
+            seed = req.seed if req.HasField("seed") else secrets.randbits(63)
+        job = WindowJob(
+            mode=mode,
+            steps=req.steps,
+            window=window,
+            scheduler=scheduler,
+            restore_state=restore,
+            seed=seed,
+            width=width,
+            height=height,
+            num_images=incoming.tensor.shape[0] if incoming is not None else max(req.num_images, 1),
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            prompt_2=req.prompt_2,
+            negative_prompt_2=req.negative_prompt_2,
+            prompt_3=req.prompt_3,
+            negative_prompt_3=req.negative_prompt_3,
+            guidance_scale=req.guidance_scale if req.HasField("guidance_scale") else None,
+            guidance_rescale=req.guidance_rescale,
+            max_sequence_length=req.max_sequence_length,
+            latents=incoming.tensor if incoming is not None else None,
+            image=image,
+            mask=mask,
+            strength=strength,
+        )
+        return job, caps
+
+    def _scheduler(self, req: dpb.DenoiseRequest, model: LoadedModel, incoming: Incoming | None):
+        """The scheduler for this window, and a restore function for carried-over state."""
+        overrides = MessageToDict(req.scheduler_config) if req.HasField("scheduler_config") else {}
+        before = incoming.handle.scheduler if incoming is not None else pb.SchedulerSpec()
+        # The same model continuing its own latents keeps their schedule unless told otherwise.
+        same_model = incoming is not None and bool(before.class_name) and incoming.handle.model == req.model
+        name = req.scheduler or (before.class_name if same_model else "") or model.scheduler_class
+        continuing = same_model and name == before.class_name and not overrides
+        if continuing:
+            scheduler = _located("scheduler", lambda: schedulers.scheduler_from_json(name, before.config_json))
+        else:
+            scheduler = _located(
+                "scheduler", lambda: schedulers.make_scheduler(name, model.scheduler_config, overrides)
+            )
+        caps = schedulers.capabilities(name, scheduler.config)
+        restore = None
+        # A multistep scheduler continuing its own schedule gets its history back, which is what
+        # makes the split exact; restore_state refuses state that does not fit this window.
+        if continuing and caps.split == "state" and before.state.key and before.steps == req.steps:
+            state = _located("latents.scheduler.state", lambda: bytes(self.store.get_bytes(before.state)))
+
+            def restore(s: Any) -> None:
+                schedulers.restore_state(s, caps, state, device=model.device)
+
+        return scheduler, caps, restore
+
+    def _image(self, handle: pb.BlobHandle, mode: str) -> Image.Image:
+        data = self.store.get_bytes(handle)
+        try:
+            image = Image.open(io.BytesIO(bytes(data)))
+            image.load()
+        except Exception as exc:  # PIL raises several types for bad data
+            raise InvalidArgument(f"not a readable image ({handle.media_type or 'unknown type'}): {exc}") from exc
+        return image.convert(mode)
+
+    def _size(self, req, model: LoadedModel, incoming: Incoming | None, image: Image.Image | None) -> tuple[int, int]:
+        multiple = model.family.size_multiple(model.vae_scale_factor)
+        if incoming is not None:
+            h, w = incoming.tensor.shape[-2:]
+            size = (w * model.vae_scale_factor, h * model.vae_scale_factor)
+            if (req.width and req.width != size[0]) or (req.height and req.height != size[1]):
+                raise InvalidArgument(
+                    f"width x height {req.width}x{req.height} differs from the latents' {size[0]}x{size[1]}",
+                    field="width",
+                )
+            return size
+        if image is not None:
+            w, h = image.size
+            size = (req.width or w - w % multiple, req.height or h - h % multiple)
+        else:
+            size = (req.width or model.default_size[0], req.height or model.default_size[1])
+        for name, value in zip(("width", "height"), size, strict=True):
+            if value < multiple or value % multiple:
+                raise InvalidArgument(
+                    f"{name} {value} is not a positive multiple of {multiple}, which {req.model} needs "
+                    f"(VAE scale factor {model.vae_scale_factor})",
+                    field=name,
+                )
+        return size
+
+    def _output(
+        self, req: dpb.DenoiseRequest, model: LoadedModel, job: WindowJob, caps, result: WindowResult
+    ) -> pb.LatentHandle:
+        scheduler = result.scheduler
+        timesteps = result.timesteps
+        done = result.stop >= len(timesteps)
+        T = int(scheduler.config.num_train_timesteps)
+        if done:
+            noise = pb.NoiseLevel(fraction=1.0, num_train_timesteps=T)
+        else:
+            noise = pb.NoiseLevel(
+                fraction=job.window.end,
+                cutoff_timestep=cutoff(job.window.end, T),
+                timestep=float(timesteps[result.stop]),
+                sigma=_sigma_at(scheduler, result.stop),
+                num_train_timesteps=T,
+            )
+        spec = pb.SchedulerSpec(
+            class_name=type(scheduler).__name__, config_json=schedulers.config_json(scheduler), steps=job.steps
+        )
+        if not done and caps.split == "state":
+            state = schedulers.save_state(scheduler, caps)
+            if state is not None:
+                name = f"{req.output_key}/scheduler-state" if req.output_key else None
+                spec.state.CopyFrom(self.store.put_bytes(state, media_type=STATE_MEDIA_TYPE, name=name))
+        blob = self.store.put_tensor(result.latents, name=req.output_key or None)
+        return pb.LatentHandle(
+            blob=blob,
+            space=model.space.id,
+            scaling=pb.LATENT_SCALING_MODEL,
+            noise=noise,
+            scheduler=spec,
+            seed=job.seed,
+            width=job.width,
+            height=job.height,
+            model=req.model,
+        )
+
+    # -- Encode / Decode -------------------------------------------------------------------
+    def encode(self, req: dpb.EncodeRequest) -> pb.LatentHandle:
+        if not req.image.key:
+            raise InvalidArgument("an image to encode is required", field="image")
+        with self.cache.use(req.model) as model:
+            image = _located("image", lambda: self._image(req.image, "RGB"))
+            seed = req.seed if req.HasField("seed") else None
+            with model.lock:
+                latents = vae.encode(model, image, width=req.width, height=req.height, seed=seed)
+            blob = self.store.put_tensor(latents, name=req.output_key or None)
+            h, w = latents.shape[-2:]
+            return pb.LatentHandle(
+                blob=blob,
+                space=model.space.id,
+                scaling=pb.LATENT_SCALING_MODEL,
+                noise=pb.NoiseLevel(fraction=1.0),
+                seed=seed or 0,
+                width=w * model.vae_scale_factor,
+                height=h * model.vae_scale_factor,
+                model=req.model,
+            )
+
+    def decode(self, req: dpb.DecodeRequest) -> dpb.DecodeResponse:
+        fmt = (req.format or "png").lower()
+        formats = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+        if fmt not in formats:
+            raise InvalidArgument(f"unknown image format {fmt!r}; accepted: png, jpeg, webp", field="format")
+        with self.cache.use(req.model) as model:
+            incoming = self._incoming(dpb.DenoiseRequest(model=req.model, latents=req.latents), model)
+            if incoming is None:
+                raise InvalidArgument("latents to decode are required", field="latents")
+            with model.lock:
+                images = vae.decode(model, incoming.tensor)
+        buf = io.BytesIO()
+        images[0].save(buf, format=formats[fmt])
+        blob = self.store.put_bytes(
+            buf.getvalue(), media_type=f"image/{formats[fmt].lower()}", name=req.output_key or None
+        )
+        return dpb.DecodeResponse(image=blob, width=images[0].width, height=images[0].height)
+
+
+def _sigma_at(scheduler: Any, index: int) -> float:
+    """The noise level before step `index`, as a sigma."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) > index:
+        return float(sigmas[index])
+    alphas = scheduler.alphas_cumprod[int(scheduler.timesteps[index])]
+    return float(((1 - alphas) / alphas) ** 0.5)

@@ -1,0 +1,101 @@
+"""What every model family gets from the engine, and what it gives back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from services.common.latent_spaces import LatentSpace
+from services.denoiser.window import DenoiseWindow
+
+# Where the incoming latents stand: none, initial noise, part-way, or finished.
+TXT2IMG, FROM_NOISE, CONTINUE, IMG2IMG, INPAINT = "txt2img", "from_noise", "continue", "img2img", "inpaint"
+
+
+@dataclass
+class WindowJob:
+    """One window of one model's schedule, with every input resolved to tensors and images."""
+
+    mode: str
+    steps: int
+    window: DenoiseWindow
+    scheduler: Any
+    # Restores a multistep scheduler's state after set_timesteps/set_begin_index, when given.
+    restore_state: Callable[[Any], None] | None
+    seed: int
+    width: int
+    height: int
+    num_images: int = 1
+    prompt: str = ""
+    negative_prompt: str = ""
+    prompt_2: str = ""
+    negative_prompt_2: str = ""
+    prompt_3: str = ""
+    negative_prompt_3: str = ""
+    guidance_scale: float | None = None
+    guidance_rescale: float = 0.0
+    max_sequence_length: int = 0
+    # Model-space latents: initial noise (FROM_NOISE), part-way (CONTINUE, INPAINT), or
+    # finished ones that img2img decodes with this model's VAE (IMG2IMG).
+    latents: torch.Tensor | None = None
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    strength: float = 1.0
+
+
+@dataclass
+class WindowResult:
+    latents: torch.Tensor
+    scheduler: Any
+    # The whole schedule and the [begin, stop) part of it this window ran.
+    timesteps: torch.Tensor
+    begin: int
+    stop: int
+
+
+class StepHooks:
+    """Called around every step: `before` may raise to cancel; `after` reports progress."""
+
+    def before(self, index: int, total: int) -> None:
+        pass
+
+    def after(self, index: int, total: int, timestep: float, latents: torch.Tensor) -> None:
+        pass
+
+
+class Family:
+    """A model family: how to load its pipelines and run a window of its schedule."""
+
+    name: str = ""
+    # Pipeline class for single-file loading and the default text-to-image runs.
+    pipeline_class: Any = None
+    pipeline_names: tuple[str, ...] = ()
+
+    def load(self, source: str, class_name: str, kwargs: dict[str, Any]) -> Any:
+        """The family's text-to-image pipeline from a folder or hub id."""
+        return self.pipeline_class.from_pretrained(source, **kwargs)
+
+    def latent_space(self, pipe: Any) -> LatentSpace:
+        raise NotImplementedError
+
+    def default_size(self, pipe: Any, vae_scale_factor: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def default_guidance(self, mode: str) -> float:
+        """diffusers' default guidance scale for the pipeline that runs `mode`."""
+        return 7.5
+
+    def default_strength(self, mode: str) -> float:
+        """diffusers' default strength for img2img / inpainting in this family."""
+        return 1.0 if mode == INPAINT else 0.8
+
+    def size_multiple(self, vae_scale_factor: int) -> int:
+        """Image sizes must be multiples of this (in pixels)."""
+        return vae_scale_factor
+
+    def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
+        raise NotImplementedError

@@ -1,0 +1,165 @@
+"""Loading diffusers pipelines from a hub id, a local folder or a single .safetensors file."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.latent_spaces import LatentSpace
+
+if TYPE_CHECKING:
+    from services.denoiser.families.base import Family
+
+log = logging.getLogger("baton.denoiser.models")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str, field_name: str = "dtype") -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown dtype {name!r}; accepted: {', '.join(DTYPES)}", field=field_name) from None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    variant: str | None = None
+    # Force a family when it cannot be read from the files (single-file checkpoints).
+    family: str | None = None
+    # A diffusers folder or hub id whose component configs a single-file checkpoint uses.
+    config: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A resident pipeline and what Baton read off its configs."""
+
+    name: str
+    source: str
+    family: Family
+    pipe: Any
+    space: LatentSpace
+    dtype: torch.dtype
+    device: str
+    vae_scale_factor: int
+    latent_channels: int
+    default_size: tuple[int, int]
+    memory_bytes: int
+    # The model's own scheduler as loaded; runs set their own scheduler on the pipeline.
+    scheduler_class: str = ""
+    scheduler_config: dict = field(default_factory=dict)
+    # One window at a time per model: pipelines and their schedulers are not re-entrant.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Pipelines for other modes (img2img, inpaint) sharing this one's components.
+    variants: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: str) -> None:
+        self.pipe.to(device)
+        self.device = device
+
+    def variant(self, kind: str, cls: Any) -> Any:
+        """The `cls` pipeline over the same components (diffusers' from_pipe: no new weights)."""
+        if type(self.pipe) is cls:
+            return self.pipe
+        if kind not in self.variants:
+            self.variants[kind] = cls.from_pipe(self.pipe)
+        return self.variants[kind]
+
+
+def module_bytes(pipe: Any) -> int:
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in component.parameters())
+            total += sum(t.numel() * t.element_size() for t in component.buffers())
+    return total
+
+
+def _pipeline_class_name(source: str) -> str:
+    """The `_class_name` of a diffusers folder or hub repo (reads model_index.json only)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(source)
+    except Exception as exc:  # OSError, EnvironmentError, hub errors: all mean "not there"
+        raise NotFound(
+            f"model {source!r} not found: not a local diffusers folder, not a .safetensors file, "
+            f"and not loadable from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+            field="model",
+        ) from exc
+    return str(config["_class_name"])
+
+
+def _single_file_family(path: Path) -> str:
+    """Guesses the family of an original-format checkpoint from its tensor names."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    joined = "\n".join(keys[:5000])
+    if "conditioner.embedders.1" in joined:
+        return "sdxl"
+    if "joint_blocks" in joined:
+        return "sd3"
+    if "double_blocks" in joined:
+        return "flux"
+    if "model.diffusion_model.input_blocks" in joined:
+        return "sd1"
+    raise FailedPrecondition(
+        f"cannot tell the family of {path.name} from its tensor names; set the model's family explicitly",
+        field="family",
+    )
+
+
+def load_model(name: str, source: str, options: LoadOptions) -> LoadedModel:
+    """Loads `source` (hub id, folder or .safetensors file) as the family's pipeline."""
+    from services.denoiser.families import family_by_name, family_for_pipeline
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise InvalidArgument(
+                f"single-file checkpoints must be .safetensors (a .ckpt would be unpickled): {source}", field="model"
+            )
+        family = family_by_name(options.family or _single_file_family(path))
+        pipe = family.pipeline_class.from_single_file(str(path), config=options.config, dtype=options.dtype)
+    else:
+        class_name = _pipeline_class_name(str(path) if path.is_dir() else source)
+        family = family_by_name(options.family) if options.family else family_for_pipeline(class_name)
+        kwargs: dict[str, Any] = {"dtype": options.dtype}
+        if options.variant:
+            kwargs["variant"] = options.variant
+        pipe = family.load(str(path) if path.is_dir() else source, class_name, kwargs)
+    pipe.to(options.device)
+    pipe.set_progress_bar_config(disable=True)
+    vae_config = dict(pipe.vae.config)
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    model = LoadedModel(
+        name=name,
+        source=source,
+        family=family,
+        pipe=pipe,
+        space=family.latent_space(pipe),
+        dtype=options.dtype,
+        device=options.device,
+        vae_scale_factor=vae_scale_factor,
+        latent_channels=int(vae_config["latent_channels"]),
+        default_size=family.default_size(pipe, vae_scale_factor),
+        memory_bytes=module_bytes(pipe),
+        scheduler_class=type(pipe.scheduler).__name__,
+        scheduler_config=dict(pipe.scheduler.config),
+    )
+    log.info(
+        "loaded %s", name,
+        extra={"source": source, "family": family.name, "space": model.space.id, "bytes": model.memory_bytes},
+    )  # fmt: skip
+    return model

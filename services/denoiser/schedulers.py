@@ -1,0 +1,242 @@
+"""Which diffusers schedulers a denoise window may split, and the multistep state that travels with the latents.
+
+A split is exact when the second window, on a fresh scheduler of the same class and config (`set_timesteps`,
+`set_begin_index`), continues as the unsplit run would: always for stateless schedulers, and for multistep ones
+once their history (`save_state` -> bytes -> `restore_state`) is put back. Schedulers that draw noise in `step()`
+cannot split. The state blob is safetensors: tensors as tensors, structure as JSON metadata, never pickle.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import SchedulerMixin
+from safetensors.torch import load, save
+
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
+
+EXACT, STATE, NEVER = "exact", "state", "never"
+_FORMAT = "baton.scheduler_state.v1"
+
+
+@dataclass(frozen=True)
+class SchedulerCaps:
+    name: str
+    split: str  # "exact" | "state" | "never"
+    state: tuple[str, ...]  # attributes to carry across a split (split == "state")
+    stochastic: bool  # step() draws noise: pass a generator for full runs
+    why: str  # for "never": the reason, for the user
+
+
+def _noisy(name: str, advice: str, how: str = "draws fresh noise at every step", setting: str = "") -> SchedulerCaps:
+    why = f"{name}{setting} {how}, so a window boundary changes the result; {advice}"
+    return SchedulerCaps(name, NEVER, (), True, why)
+
+
+_SPLITTERS = "EulerDiscreteScheduler or DPMSolverMultistepScheduler"
+# Stateless, but diffusers' window rule compares timesteps with cutoffs in 0..T: every step would land in one window.
+_LOG_SIGMA = (
+    "{} passes log-sigma noise conditioning as its timesteps, not 0..num_train_timesteps, so the noise-level "
+    f"window rule cannot place a boundary; use {_SPLITTERS} to split"
+)
+_MULTISTEP = ("model_outputs", "lower_order_nums")
+_TABLE = {
+    caps.name: caps
+    for caps in (
+        SchedulerCaps("EulerDiscreteScheduler", EXACT, (), False, ""),
+        SchedulerCaps("DDIMScheduler", EXACT, (), False, ""),
+        SchedulerCaps("FlowMatchEulerDiscreteScheduler", EXACT, (), False, ""),
+        # Second order: stateless between whole steps. A window must stop where the next begins (the start rule's
+        # index); diffusers' denoising_end count can stop after a step's first half, which the next window repeats.
+        SchedulerCaps("HeunDiscreteScheduler", EXACT, (), False, ""),
+        SchedulerCaps("KDPM2DiscreteScheduler", EXACT, (), False, ""),
+        SchedulerCaps("DPMSolverMultistepScheduler", STATE, _MULTISTEP, False, ""),
+        SchedulerCaps("DEISMultistepScheduler", STATE, _MULTISTEP, False, ""),
+        SchedulerCaps("DPMSolverSinglestepScheduler", STATE, ("model_outputs", "sample"), False, ""),
+        SchedulerCaps(
+            "UniPCMultistepScheduler",
+            STATE,
+            (*_MULTISTEP, "timestep_list", "last_sample", "this_order"),
+            False,
+            "",
+        ),
+        SchedulerCaps("LMSDiscreteScheduler", STATE, ("derivatives",), False, ""),
+        SchedulerCaps("PNDMScheduler", STATE, ("ets", "counter", "cur_model_output", "cur_sample"), False, ""),
+        SchedulerCaps("EDMEulerScheduler", NEVER, (), False, _LOG_SIGMA.format("EDMEulerScheduler")),
+        _noisy("EulerAncestralDiscreteScheduler", f"use {_SPLITTERS} to split"),
+        _noisy("KDPM2AncestralDiscreteScheduler", "use KDPM2DiscreteScheduler or DPMSolverMultistepScheduler to split"),
+        _noisy("DPMSolverSDEScheduler", f"use {_SPLITTERS} to split", "draws Brownian-tree noise at every step"),
+        _noisy("DDPMScheduler", "use DDIMScheduler to split", "adds fresh noise at every step (ancestral sampling)"),
+        _noisy("LCMScheduler", "use one window for LCM models", "re-noises its estimate with fresh noise every step"),
+        _noisy("TCDScheduler", "use one window for TCD models", "injects fresh noise at every step (gamma > 0)"),
+    )
+}
+
+
+def capabilities(class_name: str, config: Mapping) -> SchedulerCaps:
+    """How `class_name` configured by `config` splits across windows."""
+    algorithm = str(config.get("algorithm_type", ""))
+    if class_name.startswith("DPMSolver") and algorithm.startswith("sde-"):
+        return _noisy(
+            class_name, "use algorithm_type 'dpmsolver++' to split", setting=f" with algorithm_type={algorithm!r}"
+        )
+    if class_name == "FlowMatchEulerDiscreteScheduler" and config.get("stochastic_sampling"):
+        return _noisy(class_name, "use stochastic_sampling=False to split", setting=" with stochastic_sampling")
+    if class_name == "EulerDiscreteScheduler" and (
+        config.get("timestep_type") == "continuous" and config.get("prediction_type") == "v_prediction"
+    ):
+        return SchedulerCaps(class_name, NEVER, (), False, _LOG_SIGMA.format(f"{class_name} with continuous timesteps"))
+    if class_name in _TABLE:
+        return _TABLE[class_name]
+    noisy = "generator" in inspect.signature(scheduler_class(class_name).step).parameters
+    return SchedulerCaps(class_name, NEVER, (), noisy, f"{class_name} is not known to split exactly")
+
+
+def check_can_split(caps: SchedulerCaps, *, field: str = "scheduler") -> None:
+    """Raise FailedPrecondition when a partial window is asked of a scheduler that cannot split."""
+    if caps.split == NEVER:
+        raise FailedPrecondition(caps.why, field=field)
+
+
+@functools.cache
+def scheduler_names() -> tuple[str, ...]:
+    """The diffusers scheduler classes usable here, sorted."""
+    return tuple(sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and _resolve(n) is not None))
+
+
+def _resolve(name: str) -> type[Any] | None:
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    ok = isinstance(cls, type) and issubclass(cls, SchedulerMixin) and cls is not SchedulerMixin
+    return cls if ok else None
+
+
+def scheduler_class(name: str) -> type[Any]:
+    """The diffusers scheduler class called `name`."""
+    cls = _resolve(name)
+    if cls is not None:
+        return cls
+    backends = getattr(getattr(diffusers, name, None), "_backends", None)  # a dummy for a missing optional package
+    if backends:
+        raise FailedPrecondition(f"{name} needs {', '.join(backends)}, not installed here", field="scheduler")
+    raise InvalidArgument(f"unknown scheduler {name!r}; known: {', '.join(scheduler_names())}", field="scheduler")
+
+
+def make_scheduler(class_name: str, base_config: Mapping, overrides: Mapping | None = None) -> Any:
+    """`class_name` built from a model's scheduler config plus `overrides`, as `Scheduler.from_config` does."""
+    cls = scheduler_class(class_name)
+    params = inspect.signature(cls).parameters.values()
+    accepted = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    for key in overrides or {}:
+        if key not in accepted:
+            raise InvalidArgument(
+                f"{class_name} has no option {key!r}; accepted: {', '.join(sorted(accepted))}", field="scheduler"
+            )
+    try:
+        # Overrides go in as kwargs: merged into the config, from_config would drop any key the base config lists
+        # in `_use_default_values`, silently keeping the default.
+        return cls.from_config(dict(base_config), **dict(overrides or {}))
+    except (ValueError, NotImplementedError, TypeError) as e:
+        raise InvalidArgument(f"{class_name} rejected its config: {e}", field="scheduler") from e
+
+
+def config_json(scheduler: Any) -> str:
+    """The scheduler's config as canonical JSON (sorted, no private keys but `_class_name`), for comparing."""
+    config = json.loads(scheduler.to_json_string())
+    return json.dumps({k: v for k, v in config.items() if k == "_class_name" or not k.startswith("_")}, sort_keys=True)
+
+
+def scheduler_from_json(class_name: str, text: str) -> Any:
+    """Rebuild the scheduler that `config_json` described."""
+    config = json.loads(text)
+    if config.get("_class_name", class_name) != class_name:
+        raise InvalidArgument(f"config of {config['_class_name']} given for {class_name}", field="scheduler")
+    return scheduler_class(class_name).from_config(config)
+
+
+def _pack(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        # A copy: safetensors refuses views that share storage (UniPC's timesteps are views of one tensor).
+        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {"tensor": key}
+    if isinstance(value, list):
+        return {"list": [_pack(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if value is None or isinstance(value, bool | int | float):
+        return {"value": value}  # JSON round-trips these exactly (floats by repr)
+    raise TypeError(f"cannot carry scheduler state {key!r} of type {type(value).__name__}")
+
+
+def _unpack(spec: dict, tensors: dict[str, torch.Tensor], device: Any) -> Any:
+    if "tensor" in spec:
+        t = tensors[spec["tensor"]]
+        return t.to(device) if device is not None else t
+    if "list" in spec:
+        return [_unpack(s, tensors, device) for s in spec["list"]]
+    return spec["value"]
+
+
+def _steps(scheduler: Any) -> int | None:
+    timesteps = getattr(scheduler, "timesteps", None)
+    return None if timesteps is None else len(timesteps)
+
+
+def save_state(scheduler: Any, caps: SchedulerCaps) -> bytes | None:
+    """The scheduler's multistep state as a safetensors blob, or None when it has none to carry."""
+    if not caps.state:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    # UniPC sets `this_order` only in its first step.
+    state = {
+        n: _pack(getattr(scheduler, n), n, tensors) if hasattr(scheduler, n) else {"absent": True} for n in caps.state
+    }
+    header = {
+        "format": _FORMAT,
+        "class": type(scheduler).__name__,
+        "config": config_json(scheduler),
+        "steps": _steps(scheduler),
+        "step_index": getattr(scheduler, "_step_index", None),
+        "state": state,
+    }
+    return save(tensors, metadata={"baton": json.dumps(header)})
+
+
+def restore_state(scheduler: Any, caps: SchedulerCaps, data: bytes, device: Any = None) -> None:
+    """Put a saved state on a fresh scheduler after `set_timesteps` and `set_begin_index`; tensors go to `device`."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["baton"])
+        tensors = load(data)
+    except Exception as e:
+        raise DataLoss(f"scheduler state is not a Baton safetensors blob: {e}", field="scheduler") from e
+    if header.get("format") != _FORMAT:
+        raise DataLoss(f"scheduler state has format {header.get('format')!r}, expected {_FORMAT!r}", field="scheduler")
+    name = type(scheduler).__name__
+    if header["class"] != name:
+        raise FailedPrecondition(
+            f"scheduler state was saved by {header['class']}, cannot continue on {name}", field="scheduler"
+        )
+    if header["config"] != config_json(scheduler):
+        raise FailedPrecondition(f"scheduler state was saved by {name} with another config", field="scheduler")
+    if header["steps"] != _steps(scheduler):
+        raise FailedPrecondition(
+            f"scheduler state is from a {header['steps']}-step schedule, this one has {_steps(scheduler)}",
+            field="scheduler",
+        )
+    begin = getattr(scheduler, "begin_index", None)
+    if begin is not None and header["step_index"] is not None and begin != header["step_index"]:
+        raise FailedPrecondition(
+            f"scheduler state was saved after step {header['step_index']}, but this window begins at step {begin}",
+            field="scheduler",
+        )
+    for n in caps.state:
+        spec = header["state"].get(n)
+        if spec is None:
+            raise DataLoss(f"scheduler state lacks {n!r}", field="scheduler")
+        if "absent" not in spec:
+            setattr(scheduler, n, _unpack(spec, tensors, device))

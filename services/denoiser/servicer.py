@@ -1,0 +1,111 @@
+"""The Denoiser gRPC servicer: a few lines per RPC over DenoiseEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client import Counter
+
+from services.common.api.baton.v1 import denoiser_pb2 as dpb
+from services.common.api.baton.v1 import denoiser_pb2_grpc
+from services.common.errors import Cancelled, DeadlineExceeded
+from services.denoiser.cache import ModelCache
+from services.denoiser.engine import DenoiseEngine
+from services.denoiser.models import parse_dtype
+
+STEPS = Counter("baton_denoise_steps", "Denoising steps run")
+WINDOWS = Counter("baton_denoise_windows", "Denoise windows by outcome", ["outcome"])
+
+
+class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
+    def __init__(self, engine: DenoiseEngine, cache: ModelCache, executor: ThreadPoolExecutor):
+        self.engine = engine
+        self.cache = cache
+        self.executor = executor
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def Denoise(self, request, context):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        started = time.monotonic()
+
+        def on_step(event: dpb.StepEvent) -> None:
+            STEPS.inc()
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def run():
+            try:
+                latents = self.engine.denoise(request, on_step, stop.is_set, deadline)
+            except (Cancelled, DeadlineExceeded):
+                WINDOWS.labels("cancelled").inc()
+                raise
+            except BaseException:
+                WINDOWS.labels("error").inc()
+                raise
+            WINDOWS.labels("ok").inc()
+            return latents
+
+        work = loop.run_in_executor(self.executor, run)
+        try:
+            while not work.done() or not events.empty():
+                waiter = asyncio.ensure_future(events.get())
+                await asyncio.wait({waiter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield dpb.DenoiseEvent(step=waiter.result())
+                else:
+                    waiter.cancel()
+            latents = work.result()
+            yield dpb.DenoiseEvent(result=dpb.DenoiseResult(latents=latents, elapsed_s=time.monotonic() - started))
+        finally:
+            # A client that went away (or a passed deadline) stops the window at its next step.
+            stop.set()
+
+    async def Encode(self, request, context):
+        return dpb.EncodeResponse(latents=await self._run(self.engine.encode, request))
+
+    async def Decode(self, request, context):
+        return await self._run(self.engine.decode, request)
+
+    async def ListModels(self, request, context):
+        return dpb.ListModelsResponse(models=[model_info(m, off) for m, off in self.cache.entries()])
+
+    async def LoadModel(self, request, context):
+        options = {}
+        if request.dtype:
+            options["dtype"] = parse_dtype(request.dtype)
+        if request.variant:
+            options["variant"] = request.variant
+        if request.family:
+            options["family"] = request.family
+        model = await self._run(lambda: self.cache.load(request.model, **options))
+        return model_info(model, False)
+
+    async def UnloadModel(self, request, context):
+        await self._run(self.cache.unload, request.model)
+        return dpb.UnloadModelResponse()
+
+
+def model_info(model, offloaded: bool) -> dpb.ModelInfo:
+    return dpb.ModelInfo(
+        name=model.name,
+        source=model.source,
+        family=model.family.name,
+        space=model.space.id,
+        state=dpb.MODEL_STATE_OFFLOADED if offloaded else dpb.MODEL_STATE_READY,
+        dtype=str(model.dtype).removeprefix("torch."),
+        device="cpu" if offloaded else str(model.device),
+        memory_bytes=model.memory_bytes,
+        vae_scale_factor=model.vae_scale_factor,
+        latent_channels=model.latent_channels,
+        default_width=model.default_size[0],
+        default_height=model.default_size[1],
+        default_scheduler=model.scheduler_class,
+    )

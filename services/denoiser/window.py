@@ -1,0 +1,71 @@
+"""DenoiseWindow: which steps of a schedule a stage runs, on diffusers' noise-level rule.
+
+The split is on noise level, not step index (`cutoff = round(T - f * T)` training timesteps),
+so models with different step counts hand off at the same level. A window that ends early
+keeps the steps at or above the end cutoff; one that starts late keeps the steps below the
+start cutoff (one more for second-order schedulers, so a split never falls between the two
+halves of a step). These are StableDiffusionXL(Img2Img)Pipeline's `denoising_end` /
+`denoising_start` rules, applied to every family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.common.errors import InvalidArgument
+
+
+def cutoff(fraction: float, num_train_timesteps: int) -> int:
+    """The training timestep at which `fraction` of the schedule is done."""
+    return round(num_train_timesteps - fraction * num_train_timesteps)
+
+
+@dataclass(frozen=True)
+class DenoiseWindow:
+    """Run the steps of [start, end) on the noise level of a `steps`-step schedule."""
+
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value in (("denoising_start", self.start), ("denoising_end", self.end)):
+            if not 0.0 <= value <= 1.0:
+                raise InvalidArgument(f"{name} must be in [0, 1], got {value}", field=name)
+        if self.start >= self.end:
+            raise InvalidArgument(
+                f"denoising_start ({self.start}) must be below denoising_end ({self.end})", field="denoising_start"
+            )
+
+    @property
+    def partial(self) -> bool:
+        return self.start > 0.0 or self.end < 1.0
+
+    def indices(self, timesteps: torch.Tensor, num_train_timesteps: int, order: int = 1) -> tuple[int, int]:
+        """[begin, stop) indices into the scheduler's timesteps that this window runs."""
+        begin = len(timesteps) - _steps_below(self.start, timesteps, num_train_timesteps, order) if self.start else 0
+        stop = len(timesteps) - _steps_below(self.end, timesteps, num_train_timesteps, order) if self.end < 1 else None
+        return max(begin, 0), len(timesteps) if stop is None else max(stop, begin)
+
+
+def _steps_below(fraction: float, timesteps: torch.Tensor, num_train_timesteps: int, order: int) -> int:
+    """Steps left after `fraction` of the schedule: those below its cutoff, whole steps only.
+
+    Second-order schedulers list every timestep but the first twice; an even count would cut a
+    step between its two halves, so it takes one more. Using the same count for where one window
+    ends and the next begins is what makes the two meet exactly (diffusers' own end rule,
+    `count(ts >= cutoff)`, equals this for first-order schedulers but splits a Heun step).
+    """
+    n = int((timesteps < cutoff(fraction, num_train_timesteps)).sum().item())
+    if order == 2 and n % 2 == 0:
+        n += 1
+    return n
+
+
+def strength_begin(steps: int, strength: float, order: int = 1) -> int:
+    """img2img: the index the schedule starts at for `strength` (diffusers' get_timesteps)."""
+    if not 0.0 < strength <= 1.0:
+        raise InvalidArgument(f"strength must be in (0, 1], got {strength}", field="strength")
+    init_timestep = min(int(steps * strength), steps)
+    return max(steps - init_timestep, 0) * order
