@@ -31,3 +31,17 @@ def redis_client(request):
 @pytest.fixture
 def store(redis_client) -> BlobStore:
     return BlobStore(redis_client, chunk_bytes=1 << 20, ttl_s=600)
+
+
+@pytest.fixture(scope="session")
+def single_store(redis_url) -> BlobStore:
+    """A BlobStore on the single test Redis, for tests that are not about Redis itself."""
+    return BlobStore(connect(redis_url, "no"))
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, str]:
+    """Tiny sd1, sdxl and a second sdxl model on disk, built once per test run."""
+    from tests.denoise_kit import build_models
+
+    return build_models(tmp_path_factory.mktemp("models"))

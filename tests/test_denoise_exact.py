@@ -18,13 +18,10 @@ from diffusers import (
 )
 
 from services.common.api.baton.v1 import handles_pb2 as pb
-from services.common.blobs import BlobStore
-from services.common.redis_conn import connect
 from services.denoiser.schedulers import make_scheduler
 from tests.denoise_kit import (
     NEGATIVE,
     PROMPT,
-    build_models,
     generator,
     make_engine,
     png,
@@ -37,13 +34,8 @@ STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def store(redis_url):
-    return BlobStore(connect(redis_url, "no"))
+def store(single_store):
+    return single_store
 
 
 @pytest.fixture(scope="module")
@@ -167,39 +159,26 @@ def test_sdxl_base_then_second_model_equals_diffusers_pair(models, engine, store
     assert torch.equal(ours, theirs)
 
 
-def test_sd1_img2img_equals_img2img_pipeline(models, engine, store):
+@pytest.mark.parametrize(
+    "family,cls,strength",
+    [("sd1", StableDiffusionImg2ImgPipeline, 0.7), ("sdxl", StableDiffusionXLImg2ImgPipeline, 0.6)],
+)
+def test_img2img_equals_img2img_pipeline(models, engine, store, family, cls, strength):
     image = sample_image()
     blob = store.put_bytes(png(image), media_type="image/png")
-    ours, handle = run(engine, store, models["sd1"], image=blob, strength=0.7)
-    pipe = pipeline(StableDiffusionImg2ImgPipeline, models["sd1"])
+    ours, handle = run(engine, store, models[family], image=blob, strength=strength)
+    pipe = pipeline(cls, models[family])
     theirs = pipe(
         PROMPT,
         negative_prompt=NEGATIVE,
         image=image,
-        strength=0.7,
+        strength=strength,
         num_inference_steps=STEPS,
         generator=generator(),
         output_type="latent",
     ).images
     assert torch.equal(ours, theirs)
     assert handle.noise.fraction == 1.0
-
-
-def test_sdxl_img2img_equals_img2img_pipeline(models, engine, store):
-    image = sample_image()
-    blob = store.put_bytes(png(image), media_type="image/png")
-    ours, _ = run(engine, store, models["sdxl"], image=blob, strength=0.6)
-    pipe = pipeline(StableDiffusionXLImg2ImgPipeline, models["sdxl"])
-    theirs = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=image,
-        strength=0.6,
-        num_inference_steps=STEPS,
-        generator=generator(),
-        output_type="latent",
-    ).images
-    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,8 @@ from PIL import Image
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.api.baton.v1 import handles_pb2 as pb
-from services.common.blobs import BlobStore
 from services.common.redis_conn import connect
-from tests.denoise_kit import NEGATIVE, PROMPT, build_models, generator, png, request, sample_image
+from tests.denoise_kit import NEGATIVE, PROMPT, generator, png, request, sample_image
 from tests.service_procs import ServiceProcess
 
 STEPS = 8
@@ -24,13 +23,8 @@ STEP_COUNTER = "baton_denoise_steps_total"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def store(redis_url):
-    return BlobStore(connect(redis_url, "no"))
+def store(single_store):
+    return single_store
 
 
 @pytest.fixture(scope="module")
@@ -215,17 +209,38 @@ def test_a_deadline_is_honoured_and_stops_the_work(stub, denoiser):
     assert time.monotonic() - started < 30
 
 
+def listed(stub) -> dict[str, dpb.ModelInfo]:
+    return {m.name: m for m in stub.ListModels(dpb.ListModelsRequest()).models}
+
+
 def test_list_load_and_unload_models(stub, models):
-    listed = {m.name: m for m in stub.ListModels(dpb.ListModelsRequest()).models}
-    assert listed["sd1"].family == "sd1" and listed["sd1"].space == "sd1"
-    assert listed["sd1"].vae_scale_factor == 2 and listed["sd1"].latent_channels == 4
-    assert listed["sd1"].state == dpb.MODEL_STATE_READY and listed["sd1"].memory_bytes > 0
+    sd1 = listed(stub)["sd1"]
+    assert sd1.family == "sd1" and sd1.space == "sd1" and sd1.state == dpb.MODEL_STATE_READY
+    assert sd1.vae_scale_factor == 2 and sd1.latent_channels == 4 and sd1.memory_bytes > 0
+    assert "sdxl" in listed(stub), "a configured alias is listed, loaded or not"
     info = stub.LoadModel(dpb.LoadModelRequest(model="sdxl"))
-    assert info.family == "sdxl" and info.source == models["sdxl"]
-    assert "sdxl" in {m.name for m in stub.ListModels(dpb.ListModelsRequest()).models}
+    assert info.family == "sdxl" and info.source == models["sdxl"] and info.state == dpb.MODEL_STATE_READY
+    assert listed(stub)["sdxl"].state == dpb.MODEL_STATE_READY
     stub.UnloadModel(dpb.UnloadModelRequest(model="sdxl"))
-    assert "sdxl" not in {m.name for m in stub.ListModels(dpb.ListModelsRequest()).models}
+    assert listed(stub)["sdxl"].state == dpb.MODEL_STATE_AVAILABLE
     assert_fails(lambda: stub.UnloadModel(dpb.UnloadModelRequest(model="sdxl")), grpc.StatusCode.NOT_FOUND, "sdxl")
+
+
+def test_inspect_model_reads_configs_without_loading(stub, models):
+    info = stub.InspectModel(dpb.InspectModelRequest(model=models["sdxl"]))
+    assert (info.family, info.space, info.vae_scale_factor, info.default_width) == ("sdxl", "sdxl", 2, 64)
+    assert info.default_scheduler == "EulerDiscreteScheduler"
+    assert models["sdxl"] not in {name for name, info in listed(stub).items() if info.memory_bytes}
+    assert_fails(lambda: stub.InspectModel(dpb.InspectModelRequest(model="no/such")), grpc.StatusCode.NOT_FOUND)
+
+
+def test_the_denoiser_registers_as_a_worker_with_its_models(denoiser, redis_url):
+    from services.common.registry import WorkerRegistry
+
+    workers = WorkerRegistry(connect(redis_url, "no")).workers("denoiser")
+    mine = [w for w in workers if w.address == denoiser.address]
+    assert len(mine) == 1 and mine[0].load_on_demand and mine[0].accepting
+    assert {m.name for m in mine[0].models} >= {"sd1", "sdxl"}
 
 
 def test_encode_and_decode_work_on_a_loaded_model(stub, store):

@@ -101,11 +101,25 @@ COMMON = (
 )
 
 
-def service_settings(port: int, metrics_port: int, extra: Iterable[Setting] = ()) -> tuple[Setting, ...]:
-    """The common settings with a service's default ports, plus its own."""
+# Settings of the services that register as workers (denoiser, interposer, processor).
+WORKER = (
+    Setting(
+        "advertise-address",
+        "",
+        "host:port the gateway dials for this worker; default: this host's name (or --host) and --port. "
+        "In Kubernetes, the pod IP",
+    ),
+    Setting("registry-ttl", 10.0, "seconds a worker stays registered without a heartbeat", float),
+)
+
+
+def service_settings(
+    port: int, metrics_port: int, extra: Iterable[Setting] = (), *, worker: bool = False
+) -> tuple[Setting, ...]:
+    """The common settings with a service's default ports, plus a worker's, plus its own."""
     defaults = {"port": port, "metrics-port": metrics_port}
     common = tuple(s.with_default(defaults[s.name]) if s.name in defaults else s for s in COMMON)
-    return common + tuple(extra)
+    return common + (WORKER if worker else ()) + tuple(extra)
 
 
 def build_parser(prog: str, description: str, settings: Sequence[Setting]) -> argparse.ArgumentParser:

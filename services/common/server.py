@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from services.common.errors import Unavailable
 from services.common.interceptor import StatusInterceptor
 from services.common.logs import setup_logging
 from services.common.redis_conn import Client, connect, redact
+from services.common.registry import WorkerRegistry, new_worker_id
 
 log = logging.getLogger("baton.server")
 
@@ -61,10 +63,18 @@ class Runtime:
     store: BlobStore
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     _warmups: list[Callable[[], Any]] = field(default_factory=list)
+    # (kind, describe): this process registers as a worker while it serves.
+    _worker: tuple[str, Callable[[str], Any]] | None = None
+    worker_id: str = ""
 
     def on_shutdown(self, fn: Callable[[], Any]) -> None:
         """Runs `fn` (sync or async) after the server has drained."""
         self._closers.append(fn)
+
+    def advertise(self, kind: str, describe: Callable[[str], Any]) -> None:
+        """Registers this process as a `kind` worker; describe(address) returns its WorkerInfo."""
+        self._worker = (kind, describe)
+        self.worker_id = new_worker_id(kind)
 
     def before_serving(self, fn: Callable[[], Any]) -> None:
         """Runs blocking `fn` (e.g. preloading models) after start; health says SERVING once all are done."""
@@ -134,9 +144,16 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    heartbeat = None
+    if runtime._worker is not None:
+        heartbeat = asyncio.create_task(_heartbeat(runtime, settings, advertised_address(settings, port)))
     await stop.wait()
 
     log.info("%s draining", service.name, extra={"grace_period_s": settings.grace_period})
+    if heartbeat is not None:
+        heartbeat.cancel()
+        kind, _ = runtime._worker  # type: ignore[misc]
+        await asyncio.to_thread(WorkerRegistry(runtime.redis).withdraw, kind, runtime.worker_id)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_period)
     for close in runtime._closers:
@@ -144,6 +161,30 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
         if asyncio.iscoroutine(result):
             await result
     log.info("%s stopped", service.name)
+
+
+def advertised_address(settings: argparse.Namespace, port: int) -> str:
+    if settings.advertise_address:
+        return settings.advertise_address
+    host = settings.host
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
+async def _heartbeat(runtime: Runtime, settings: argparse.Namespace, address: str) -> None:
+    """Keeps this worker's registry record fresh; Redis hiccups are logged, not fatal."""
+    assert runtime._worker is not None
+    kind, describe = runtime._worker
+    registry = WorkerRegistry(runtime.redis, ttl_s=settings.registry_ttl)
+    while True:
+        try:
+            info = describe(address)
+            info.worker_id, info.kind, info.address = runtime.worker_id, kind, address
+            await asyncio.to_thread(registry.announce, info)
+        except Exception:
+            log.warning("worker heartbeat failed", exc_info=True)
+        await asyncio.sleep(settings.registry_ttl / 3)
 
 
 def main(service: Service, argv: Sequence[str] | None = None) -> int:

@@ -18,11 +18,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from services.common.errors import FailedPrecondition, NotFound
-from services.denoiser.models import LoadedModel, LoadOptions
+from services.denoiser.models import LoadedModel, LoadOptions, ModelCard, card_of, inspect_model
 
 log = logging.getLogger("baton.denoiser.cache")
 
 Loader = Callable[[str, str, LoadOptions], LoadedModel]
+Inspector = Callable[[str, str, LoadOptions], ModelCard]
+
+READY, OFFLOADED, AVAILABLE = "ready", "offloaded", "available"
 
 
 @dataclass
@@ -43,8 +46,11 @@ class ModelCache:
         budget_bytes: int = 0,
         offload_idle: bool = True,
         load_on_demand: bool = True,
+        inspector: Inspector = inspect_model,
     ):
         self._loader = loader
+        self._inspector = inspector
+        self._cards: dict[str, ModelCard] = {}
         self.defaults = defaults
         self.aliases = dict(aliases or {})
         self.max_models = max_models
@@ -87,6 +93,26 @@ class ModelCache:
         """(model, offloaded) for every loaded model, most recently used last."""
         with self._lock:
             return [(e.model, e.offloaded) for e in self._entries.values()]
+
+    def inspect(self, name: str) -> ModelCard:
+        """What `name` is, from the loaded model or its configs (cached), without loading weights."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                return card_of(entry.model)
+            if name in self._cards:
+                return self._cards[name]
+        card = self._inspector(name, self.aliases.get(name, name), self.defaults)
+        with self._lock:
+            self._cards[name] = card
+        return card
+
+    def cards(self) -> list[tuple[ModelCard, str]]:
+        """Every model this worker can serve by name: loaded ones, then inspected ones."""
+        with self._lock:
+            out = [(card_of(e.model), OFFLOADED if e.offloaded else READY) for e in self._entries.values()]
+            out += [(card, AVAILABLE) for name, card in self._cards.items() if name not in self._entries]
+        return out
 
     def resident_bytes(self) -> int:
         with self._lock:

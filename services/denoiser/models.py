@@ -148,12 +148,12 @@ def load_model(name: str, source: str, options: LoadOptions) -> LoadedModel:
         source=source,
         family=family,
         pipe=pipe,
-        space=family.latent_space(pipe),
+        space=family.latent_space(vae_config),
         dtype=options.dtype,
         device=options.device,
         vae_scale_factor=vae_scale_factor,
         latent_channels=int(vae_config["latent_channels"]),
-        default_size=family.default_size(pipe, vae_scale_factor),
+        default_size=family.default_size(dict(getattr(pipe, family.denoiser_subfolder).config), vae_scale_factor),
         memory_bytes=module_bytes(pipe),
         scheduler_class=type(pipe.scheduler).__name__,
         scheduler_config=dict(pipe.scheduler.config),
@@ -163,3 +163,62 @@ def load_model(name: str, source: str, options: LoadOptions) -> LoadedModel:
         extra={"source": source, "family": family.name, "space": model.space.id, "bytes": model.memory_bytes},
     )  # fmt: skip
     return model
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model is, read from its configs alone: enough to plan a job without loading it."""
+
+    name: str
+    source: str
+    family: str
+    space: str
+    vae_scale_factor: int
+    latent_channels: int
+    default_size: tuple[int, int]
+    scheduler_class: str
+    size_multiple: int
+
+
+def card_of(model: LoadedModel) -> ModelCard:
+    return ModelCard(
+        name=model.name,
+        source=model.source,
+        family=model.family.name,
+        space=model.space.id,
+        vae_scale_factor=model.vae_scale_factor,
+        latent_channels=model.latent_channels,
+        default_size=model.default_size,
+        scheduler_class=model.scheduler_class,
+        size_multiple=model.family.size_multiple(model.vae_scale_factor),
+    )
+
+
+def inspect_model(name: str, source: str, options: LoadOptions) -> ModelCard:
+    """Reads a diffusers folder's or hub repo's configs (no weights) into a ModelCard."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from services.denoiser.families import family_by_name, family_for_pipeline
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        raise FailedPrecondition(f"{path.name} is a single-file checkpoint; load it to learn what it is", field="model")
+    where = str(path) if path.is_dir() else source
+    class_name = _pipeline_class_name(where)
+    family = family_by_name(options.family) if options.family else family_for_pipeline(class_name)
+    # load_config reads a subfolder's config file without checking it belongs to the class.
+    vae_config = dict(AutoencoderKL.load_config(where, subfolder="vae"))
+    denoiser_config = dict(AutoencoderKL.load_config(where, subfolder=family.denoiser_subfolder))
+    scheduler_config = dict(DDIMScheduler.load_config(where, subfolder="scheduler"))
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return ModelCard(
+        name=name,
+        source=source,
+        family=family.name,
+        space=family.latent_space(vae_config).id,
+        vae_scale_factor=vae_scale_factor,
+        latent_channels=int(vae_config["latent_channels"]),
+        default_size=family.default_size(denoiser_config, vae_scale_factor),
+        scheduler_class=str(scheduler_config["_class_name"]),
+        size_multiple=family.size_multiple(vae_scale_factor),
+    )

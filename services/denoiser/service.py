@@ -11,6 +11,7 @@ from services.common.server import Mount, Service
 SETTINGS = service_settings(
     port=50052,
     metrics_port=9152,
+    worker=True,
     extra=(
         Setting("device", "auto", "torch device for models: auto picks cuda when there is one, else cpu"),
         Setting("dtype", "auto", "model dtype: auto is float16 on GPUs, float32 on CPU",
@@ -62,9 +63,22 @@ def build(settings, runtime) -> list[Mount]:
     executor = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="denoise")
     for name in filter(None, (p.strip() for p in settings.preload.split(","))):
         runtime.before_serving(lambda name=name: cache.load(name))
+    runtime.before_serving(lambda: inspect_aliases(cache))
     runtime.on_shutdown(lambda: executor.shutdown(wait=False, cancel_futures=True))
     servicer = DenoiserServicer(DenoiseEngine(runtime.store, cache), cache, executor)
+    runtime.advertise("denoiser", servicer.worker_info)
     return [Mount(servicer, denoiser_pb2_grpc.add_DenoiserServicer_to_server, "baton.v1.Denoiser")]
+
+
+def inspect_aliases(cache) -> None:
+    """Reads what each configured model is (configs only), so the gateway can plan with it."""
+    import logging
+
+    for name in cache.aliases:
+        try:
+            cache.inspect(name)
+        except Exception as exc:  # an unreachable hub must not keep the worker from serving
+            logging.getLogger("baton.denoiser").warning("cannot inspect %s: %s", name, exc)
 
 
 SERVICE = Service("denoiser", "Partial-denoise windows of one model's schedule; encode and decode.", SETTINGS, build)

@@ -11,10 +11,11 @@ from prometheus_client import Counter
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc
+from services.common.api.baton.v1 import workers_pb2 as wpb
 from services.common.errors import Cancelled, DeadlineExceeded
-from services.denoiser.cache import ModelCache
+from services.denoiser.cache import AVAILABLE, OFFLOADED, READY, ModelCache
 from services.denoiser.engine import DenoiseEngine
-from services.denoiser.models import parse_dtype
+from services.denoiser.models import LoadedModel, ModelCard, card_of, parse_dtype
 
 STEPS = Counter("baton_denoise_steps", "Denoising steps run")
 WINDOWS = Counter("baton_denoise_windows", "Denoise windows by outcome", ["outcome"])
@@ -25,9 +26,22 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self.engine = engine
         self.cache = cache
         self.executor = executor
+        self.in_flight = 0
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def worker_info(self, address: str) -> wpb.WorkerInfo:
+        """This worker's registry record: its models and how busy it is."""
+        loaded = {m.name: m for m, _ in self.cache.entries()}
+        return wpb.WorkerInfo(
+            models=[model_info(card, state, loaded.get(card.name)) for card, state in self.cache.cards()],
+            load_on_demand=self.cache.load_on_demand,
+            in_flight=self.in_flight,
+            capacity=self.executor._max_workers,
+            device=self.cache.defaults.device,
+            accepting=True,
+        )
 
     async def Denoise(self, request, context):
         loop = asyncio.get_running_loop()
@@ -54,6 +68,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             return latents
 
         work = loop.run_in_executor(self.executor, run)
+        self.in_flight += 1
         try:
             while not work.done() or not events.empty():
                 waiter = asyncio.ensure_future(events.get())
@@ -67,6 +82,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         finally:
             # A client that went away (or a passed deadline) stops the window at its next step.
             stop.set()
+            self.in_flight -= 1
 
     async def Encode(self, request, context):
         return dpb.EncodeResponse(latents=await self._run(self.engine.encode, request))
@@ -75,7 +91,14 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         return await self._run(self.engine.decode, request)
 
     async def ListModels(self, request, context):
-        return dpb.ListModelsResponse(models=[model_info(m, off) for m, off in self.cache.entries()])
+        loaded = {m.name: m for m, _ in self.cache.entries()}
+        return dpb.ListModelsResponse(
+            models=[model_info(card, state, loaded.get(card.name)) for card, state in self.cache.cards()]
+        )
+
+    async def InspectModel(self, request, context):
+        card = await self._run(self.cache.inspect, request.model)
+        return model_info(card, AVAILABLE)
 
     async def LoadModel(self, request, context):
         options = {}
@@ -86,26 +109,35 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         if request.family:
             options["family"] = request.family
         model = await self._run(lambda: self.cache.load(request.model, **options))
-        return model_info(model, False)
+        return model_info(card_of(model), READY, model)
 
     async def UnloadModel(self, request, context):
         await self._run(self.cache.unload, request.model)
         return dpb.UnloadModelResponse()
 
 
-def model_info(model, offloaded: bool) -> dpb.ModelInfo:
-    return dpb.ModelInfo(
-        name=model.name,
-        source=model.source,
-        family=model.family.name,
-        space=model.space.id,
-        state=dpb.MODEL_STATE_OFFLOADED if offloaded else dpb.MODEL_STATE_READY,
-        dtype=str(model.dtype).removeprefix("torch."),
-        device="cpu" if offloaded else str(model.device),
-        memory_bytes=model.memory_bytes,
-        vae_scale_factor=model.vae_scale_factor,
-        latent_channels=model.latent_channels,
-        default_width=model.default_size[0],
-        default_height=model.default_size[1],
-        default_scheduler=model.scheduler_class,
+MODEL_STATES = {
+    READY: dpb.MODEL_STATE_READY,
+    OFFLOADED: dpb.MODEL_STATE_OFFLOADED,
+    AVAILABLE: dpb.MODEL_STATE_AVAILABLE,
+}
+
+
+def model_info(card: ModelCard, state: str, model: LoadedModel | None = None) -> dpb.ModelInfo:
+    info = dpb.ModelInfo(
+        name=card.name,
+        source=card.source,
+        family=card.family,
+        space=card.space,
+        state=MODEL_STATES[state],
+        vae_scale_factor=card.vae_scale_factor,
+        latent_channels=card.latent_channels,
+        default_width=card.default_size[0],
+        default_height=card.default_size[1],
+        default_scheduler=card.scheduler_class,
     )
+    if model is not None:
+        info.dtype = str(model.dtype).removeprefix("torch.")
+        info.device = "cpu" if state == OFFLOADED else str(model.device)
+        info.memory_bytes = model.memory_bytes
+    return info

@@ -7,7 +7,7 @@ from services.common.config import service_settings
 from services.common.server import Mount, Service
 from services.common.unimplemented import unimplemented_mount
 
-SETTINGS = service_settings(port=50053, metrics_port=9153)
+SETTINGS = service_settings(port=50053, metrics_port=9153, worker=True)
 
 
 def build(settings, runtime) -> list[Mount]:

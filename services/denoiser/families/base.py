@@ -79,11 +79,17 @@ class Family:
         """The family's text-to-image pipeline from a folder or hub id."""
         return self.pipeline_class.from_pretrained(source, **kwargs)
 
-    def latent_space(self, pipe: Any) -> LatentSpace:
+    # Where the denoising network's config lives in a diffusers folder.
+    denoiser_subfolder: str = "unet"
+
+    def latent_space(self, vae_config: dict) -> LatentSpace:
+        """The model's latent space, with the constants its VAE config states."""
         raise NotImplementedError
 
-    def default_size(self, pipe: Any, vae_scale_factor: int) -> tuple[int, int]:
-        raise NotImplementedError
+    def default_size(self, denoiser_config: dict, vae_scale_factor: int) -> tuple[int, int]:
+        """diffusers' default output size: the network's sample size in pixels."""
+        side = int(denoiser_config["sample_size"]) * vae_scale_factor
+        return side, side
 
     def default_guidance(self, mode: str) -> float:
         """diffusers' default guidance scale for the pipeline that runs `mode`."""

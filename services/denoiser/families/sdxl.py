@@ -11,6 +11,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from services.common.latent_spaces import LatentSpace, get_space
 from services.denoiser.families.base import INPAINT, TXT2IMG, WindowJob
 from services.denoiser.families.unet import UNetFamily
 
@@ -42,14 +43,11 @@ class SDXL(UNetFamily):
         cls = next((c for c in self.pipeline_classes.values() if c.__name__ == class_name), self.pipeline_class)
         return cls.from_pretrained(source, **kwargs)
 
-    def latent_space(self, pipe: Any):
-        space = super().latent_space(pipe)
+    def latent_space(self, vae_config: dict) -> LatentSpace:
         # Playground 2.5 is an SDXL pipeline whose VAE normalises latents per channel.
-        if pipe.vae.config.get("latents_mean") is not None:
-            from services.common.latent_spaces import get_space
-
-            return get_space("pg25").with_vae_config(dict(pipe.vae.config))
-        return space
+        if vae_config.get("latents_mean") is not None:
+            return get_space("pg25").with_vae_config(vae_config)
+        return super().latent_space(vae_config)
 
     def encode_prompt(self, pipe: Any, job: WindowJob, device: str, do_cfg: bool) -> tuple[torch.Tensor, Any]:
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(

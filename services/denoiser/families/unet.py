@@ -64,12 +64,8 @@ class UNetFamily(Family):
         return pipe.prepare_latents(image, timestep, job.num_images, 1, dtype, device, gen)
 
     # -- shared ----------------------------------------------------------------------------
-    def latent_space(self, pipe: Any) -> LatentSpace:
-        return get_space(self.space_id).with_vae_config(dict(pipe.vae.config))
-
-    def default_size(self, pipe: Any, vae_scale_factor: int) -> tuple[int, int]:
-        side = int(pipe.unet.config.sample_size) * vae_scale_factor
-        return side, side
+    def latent_space(self, vae_config: dict) -> LatentSpace:
+        return get_space(self.space_id).with_vae_config(vae_config)
 
     def pipeline(self, model: Any, mode: str) -> Any:
         kind = PIPELINE_FOR_MODE[mode]

@@ -54,6 +54,11 @@ class DenoiserStub:
                 request_serializer=baton_dot_v1_dot_denoiser__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_denoiser__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.InspectModel = channel.unary_unary(
+                '/baton.v1.Denoiser/InspectModel',
+                request_serializer=baton_dot_v1_dot_denoiser__pb2.InspectModelRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_denoiser__pb2.ModelInfo.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/baton.v1.Denoiser/LoadModel',
                 request_serializer=baton_dot_v1_dot_denoiser__pb2.LoadModelRequest.SerializeToString,
@@ -97,6 +102,13 @@ class DenoiserServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InspectModel(self, request, context):
+        """What a model is (family, latent space, sizes) from its configs alone, without loading weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -131,6 +143,11 @@ def add_DenoiserServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=baton_dot_v1_dot_denoiser__pb2.ListModelsRequest.FromString,
                     response_serializer=baton_dot_v1_dot_denoiser__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'InspectModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectModel,
+                    request_deserializer=baton_dot_v1_dot_denoiser__pb2.InspectModelRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_denoiser__pb2.ModelInfo.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -251,6 +268,33 @@ class Denoiser:
             '/baton.v1.Denoiser/ListModels',
             baton_dot_v1_dot_denoiser__pb2.ListModelsRequest.SerializeToString,
             baton_dot_v1_dot_denoiser__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Denoiser/InspectModel',
+            baton_dot_v1_dot_denoiser__pb2.InspectModelRequest.SerializeToString,
+            baton_dot_v1_dot_denoiser__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -117,23 +117,3 @@ class LatentHandle(_message.Message):
     height: int
     model: str
     def __init__(self, blob: _Optional[_Union[BlobHandle, _Mapping]] = ..., space: _Optional[str] = ..., scaling: _Optional[_Union[LatentScaling, str]] = ..., noise: _Optional[_Union[NoiseLevel, _Mapping]] = ..., scheduler: _Optional[_Union[SchedulerSpec, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
-
-class WorkerInfo(_message.Message):
-    __slots__ = ("address", "kind", "models", "in_flight", "capacity", "device", "heartbeat_at", "worker_id")
-    ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    MODELS_FIELD_NUMBER: _ClassVar[int]
-    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
-    CAPACITY_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_FIELD_NUMBER: _ClassVar[int]
-    HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
-    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    address: str
-    kind: str
-    models: _containers.RepeatedScalarFieldContainer[str]
-    in_flight: int
-    capacity: int
-    device: str
-    heartbeat_at: _timestamp_pb2.Timestamp
-    worker_id: str
-    def __init__(self, address: _Optional[str] = ..., kind: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
