@@ -135,6 +135,7 @@ def model_info(card: ModelCard, state: str, model: LoadedModel | None = None) ->
         default_width=card.default_size[0],
         default_height=card.default_size[1],
         default_scheduler=card.scheduler_class,
+        size_multiple=card.size_multiple,
     )
     if model is not None:
         info.dtype = str(model.dtype).removeprefix("torch.")

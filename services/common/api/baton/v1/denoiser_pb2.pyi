@@ -157,7 +157,7 @@ class DecodeResponse(_message.Message):
     def __init__(self, image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "source", "family", "space", "state", "dtype", "device", "memory_bytes", "vae_scale_factor", "latent_channels", "default_width", "default_height", "default_scheduler")
+    __slots__ = ("name", "source", "family", "space", "state", "dtype", "device", "memory_bytes", "vae_scale_factor", "latent_channels", "default_width", "default_height", "default_scheduler", "size_multiple")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class ModelInfo(_message.Message):
     DEFAULT_WIDTH_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     family: str
@@ -184,7 +185,8 @@ class ModelInfo(_message.Message):
     default_width: int
     default_height: int
     default_scheduler: str
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., family: _Optional[str] = ..., space: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., latent_channels: _Optional[int] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_scheduler: _Optional[str] = ...) -> None: ...
+    size_multiple: int
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., family: _Optional[str] = ..., space: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., vae_scale_factor: _Optional[int] = ..., latent_channels: _Optional[int] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_scheduler: _Optional[str] = ..., size_multiple: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
