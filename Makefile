@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: setup redis proto test lint bench up clean
+.PHONY: setup redis proto test lint bench up demo clean
 
 setup: $(STAMP) redis
 
@@ -40,14 +40,20 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
-	$(VENV)/bin/mypy services/common services/denoiser
+	$(VENV)/bin/mypy services/common services/denoiser services/gateway services/client
 
 bench: setup
 	$(PY) bench/blobs.py
 	$(PY) bench/denoise.py
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
 up: setup
 	$(VENV)/bin/baton up
+
+# The main job: the example cooperative pipelines on a local cluster, outputs in ./out.
+# With no BATON_MODELS set it builds tiny random models first (no downloads).
+demo: setup
+	OUT=$(OUT) BATON=$(VENV)/bin/baton examples/demo.sh

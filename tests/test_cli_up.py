@@ -62,13 +62,24 @@ def wait_gone(pids: list[int], timeout: float = 20) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-@pytest.fixture
-def cluster(tmp_path):
+def _started(tmp_path):
     process, info = start_up(tmp_path)
     yield process, info
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One `baton up` for the tests that only look at it."""
+    yield from _started(tmp_path_factory.mktemp("up"))
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """A `baton up` of a test's own, for the tests that stop it."""
+    yield from _started(tmp_path)
 
 
 def test_up_serves_all_four_services_with_health_and_reflection(cluster):
@@ -87,7 +98,6 @@ def test_services_without_engines_answer_unimplemented(cluster):
     calls = [
         ("interposer", interposer_pb2_grpc.InterposerStub, "ListConversions", interposer_pb2.ListConversionsRequest()),
         ("processor", processor_pb2_grpc.ProcessorStub, "ListProcessors", processor_pb2.ListProcessorsRequest()),
-        ("gateway", gateway_pb2_grpc.GatewayStub, "Get", gateway_pb2.GetJobRequest(job_id="x")),
     ]
     for name, stub_class, method, request in calls:
         with grpc.insecure_channel(info[name]["address"]) as channel:
@@ -97,6 +107,14 @@ def test_services_without_engines_answer_unimplemented(cluster):
             assert "not implemented yet" in err.value.details()
 
 
+def test_the_gateway_answers_not_found_for_an_unknown_job(cluster):
+    _, info = cluster
+    with grpc.insecure_channel(info["gateway"]["address"]) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            gateway_pb2_grpc.GatewayStub(channel).Get(gateway_pb2.GetJobRequest(job_id="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+
+
 def test_the_denoiser_answers_with_no_models_loaded(cluster):
     _, info = cluster
     with grpc.insecure_channel(info["denoiser"]["address"]) as channel:
@@ -104,16 +122,16 @@ def test_the_denoiser_answers_with_no_models_loaded(cluster):
     assert list(reply.models) == []
 
 
-def test_sigterm_stops_every_process(cluster):
-    process, info = cluster
+def test_sigterm_stops_every_process(fresh):
+    process, info = fresh
     pids = [entry["pid"] for entry in info.values()]
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     assert wait_gone(pids) == []
 
 
-def test_a_killed_up_leaves_no_process_behind(cluster):
-    process, info = cluster
+def test_a_killed_up_leaves_no_process_behind(fresh):
+    process, info = fresh
     pids = [entry["pid"] for entry in info.values()]
     process.kill()
     process.wait()

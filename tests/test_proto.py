@@ -29,7 +29,7 @@ def test_every_service_of_the_v1_api_is_defined():
         ]
     }
     assert methods == {
-        "Denoiser": ["Denoise", "Encode", "Decode", "ListModels", "LoadModel", "UnloadModel"],
+        "Denoiser": ["Denoise", "Encode", "Decode", "ListModels", "InspectModel", "LoadModel", "UnloadModel"],
         "Interposer": ["Convert", "ListConversions"],
         "Processor": ["Process", "ListProcessors"],
         "Gateway": ["Submit", "Run", "Watch", "Get", "Cancel", "List", "PutBlob", "GetBlob"],

@@ -227,6 +227,22 @@ class BlobStore:
                 keys.append(handle.key)
             self.redis.unlink(*keys)
 
+    def keep_until(self, handle: pb.BlobHandle, expires_ms: int) -> pb.BlobHandle:
+        """Sets the blob's expiry (e.g. to its job's retention); returns the handle saying so."""
+        keys = self._chunk_keys(handle)
+        with _redis_errors(handle.key):
+            latest = cast(bytes | None, self.redis.get(handle.key))
+            if latest is not None and _parse_manifest(handle.key, latest).generation == handle.generation:
+                keys.append(handle.key)
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.pexpireat(key, expires_ms)
+            pipe.execute()
+        out = pb.BlobHandle()
+        out.CopyFrom(handle)
+        out.expires_at.FromMilliseconds(expires_ms)
+        return out
+
     def exists(self, ref: pb.BlobHandle | str) -> bool:
         try:
             handle = self.resolve(ref)

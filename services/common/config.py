@@ -95,7 +95,7 @@ COMMON = (
         "seconds in-flight calls get to finish after SIGTERM; keep below Kubernetes' terminationGracePeriodSeconds",
         float,
     ),
-    Setting("max-concurrency", 16, "gRPC calls served at once", int),
+    Setting("max-concurrency", 64, "gRPC calls served at once; more are refused with RESOURCE_EXHAUSTED", int),
     Setting("log-level", "info", "log level", choices=("debug", "info", "warning", "error")),
     Setting("log-format", "json", "json lines for log collectors, text for people", choices=("json", "text")),
 )
@@ -114,10 +114,15 @@ WORKER = (
 
 
 def service_settings(
-    port: int, metrics_port: int, extra: Iterable[Setting] = (), *, worker: bool = False
+    port: int,
+    metrics_port: int,
+    extra: Iterable[Setting] = (),
+    *,
+    worker: bool = False,
+    defaults: dict[str, Any] | None = None,
 ) -> tuple[Setting, ...]:
-    """The common settings with a service's default ports, plus a worker's, plus its own."""
-    defaults = {"port": port, "metrics-port": metrics_port}
+    """The common settings with a service's defaults (ports, ...), plus a worker's, plus its own."""
+    defaults = {"port": port, "metrics-port": metrics_port, **(defaults or {})}
     common = tuple(s.with_default(defaults[s.name]) if s.name in defaults else s for s in COMMON)
     return common + (WORKER if worker else ()) + tuple(extra)
 

@@ -28,6 +28,20 @@ def connect(url: str, cluster: str = "auto") -> Client:
     return redis.Redis.from_url(url, command_packer=_zero_copy_packer())
 
 
+def connect_async(url: str, cluster: str = "auto"):
+    """An asyncio client for `url` (same cluster detection as `connect`)."""
+    import redis.asyncio as aredis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+    if cluster == "auto":
+        probe = connect(url, "auto")
+        cluster = "yes" if isinstance(probe, RedisCluster) else "no"
+        probe.close()
+    if cluster == "yes":
+        return AsyncRedisCluster.from_url(url)
+    return aredis.Redis.from_url(url)
+
+
 def _zero_copy_packer() -> PythonRespSerializer:
     """redis-py's hiredis packer copies every memoryview into bytes first; the pure-Python one
     sends big values straight from the tensor's memory. Replies are still parsed by hiredis."""

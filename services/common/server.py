@@ -63,6 +63,7 @@ class Runtime:
     store: BlobStore
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     _warmups: list[Callable[[], Any]] = field(default_factory=list)
+    _starters: list[Callable[[], Any]] = field(default_factory=list)
     # (kind, describe): this process registers as a worker while it serves.
     _worker: tuple[str, Callable[[str], Any]] | None = None
     worker_id: str = ""
@@ -75,6 +76,10 @@ class Runtime:
         """Registers this process as a `kind` worker; describe(address) returns its WorkerInfo."""
         self._worker = (kind, describe)
         self.worker_id = new_worker_id(kind)
+
+    def on_start(self, fn: Callable[[], Any]) -> None:
+        """Runs async `fn` in the server's event loop once it serves (background tasks)."""
+        self._starters.append(fn)
 
     def before_serving(self, fn: Callable[[], Any]) -> None:
         """Runs blocking `fn` (e.g. preloading models) after start; health says SERVING once all are done."""
@@ -132,6 +137,8 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     for warmup in runtime._warmups:  # alive (health answers) but not ready until warm
         await asyncio.to_thread(warmup)
+    for start in runtime._starters:
+        await start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(

@@ -1,0 +1,30 @@
+"""`baton get JOB [--out DIR]`: a job's record as JSON; with --out, write its outputs too."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from services.cli.gateway_arg import add_gateway
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("get", help="show a job (and download its outputs)", description=__doc__)
+    p.add_argument("job_id")
+    p.add_argument("--out", type=Path, help="write the job's outputs here")
+    add_gateway(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToJson
+
+    from services.client import BatonClient
+
+    with BatonClient(args.gateway) as client:
+        job = client.get(args.job_id)
+        print(MessageToJson(job, preserving_proto_field_name=True))
+        if args.out:
+            for path in client.download_outputs(job, args.out):
+                print(f"wrote {path}")
+    return 0

@@ -1,0 +1,31 @@
+"""`baton ls [--state STATE]`: recent jobs, newest first."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from services.cli.gateway_arg import add_gateway
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ls", help="list jobs", description=__doc__)
+    p.add_argument("--state", choices=STATES)
+    p.add_argument("--limit", type=int, default=50)
+    add_gateway(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.cli.progress import job_state
+    from services.client import BatonClient
+    from services.common.api.baton.v1 import jobs_pb2 as jpb
+
+    state = jpb.JobState.Value(f"JOB_STATE_{args.state.upper()}") if args.state else 0
+    with BatonClient(args.gateway) as client:
+        for job in itertools.islice(client.list(state), args.limit):
+            created = job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{job.id}  {job_state(job.state):<10} {created}  {job.spec.name}  {job.error}".rstrip())
+    return 0

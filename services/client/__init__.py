@@ -1,0 +1,6 @@
+"""The Python client of Baton's gateway: BatonClient (sync) and AsyncBatonClient (asyncio)."""
+
+from services.client.async_client import AsyncBatonClient
+from services.client.sync_client import BatonClient
+
+__all__ = ["AsyncBatonClient", "BatonClient"]

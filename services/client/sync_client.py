@@ -1,0 +1,110 @@
+"""BatonClient: the gateway API from plain Python (and what the CLI uses)."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import torch
+
+from services.client.files import save_output, upload_inputs
+from services.common.api.baton.v1 import gateway_pb2 as gpb
+from services.common.api.baton.v1 import gateway_pb2_grpc
+from services.common.api.baton.v1 import handles_pb2 as pb
+from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.common.blobs import TENSOR
+from services.common.tensors import tensor_bytes, tensor_from_bytes
+
+CHUNK = 1 << 20
+OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def blob_chunks(header: pb.BlobHandle, data: bytes | memoryview) -> Iterator[gpb.BlobChunk]:
+    yield gpb.BlobChunk(header=header)
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), CHUNK):
+        yield gpb.BlobChunk(data=bytes(view[start : start + CHUNK]))
+
+
+def tensor_header(t: torch.Tensor) -> tuple[pb.BlobHandle, memoryview]:
+    raw, dtype, shape = tensor_bytes(t)
+    return pb.BlobHandle(media_type=TENSOR, dtype=dtype, shape=shape), raw
+
+
+class BatonClient:
+    def __init__(self, address: str, *, timeout: float | None = None):
+        self.channel = grpc.insecure_channel(address, options=OPTIONS)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> BatonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- jobs ------------------------------------------------------------------------------
+    def submit(self, spec: jpb.JobSpec, idempotency_key: str = "") -> jpb.Job:
+        return self.stub.Submit(gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key), timeout=self.timeout)
+
+    def run(self, spec: jpb.JobSpec, idempotency_key: str = "") -> Iterator[jpb.JobEvent]:
+        """Submits and streams the job's events until it ends."""
+        yield from self.stub.Run(gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key))
+
+    def watch(self, job_id: str, after_event_id: str = "") -> Iterator[jpb.JobEvent]:
+        yield from self.stub.Watch(gpb.WatchRequest(job_id=job_id, after_event_id=after_event_id))
+
+    def get(self, job_id: str) -> jpb.Job:
+        return self.stub.Get(gpb.GetJobRequest(job_id=job_id), timeout=self.timeout)
+
+    def cancel(self, job_id: str, reason: str = "") -> jpb.Job:
+        return self.stub.Cancel(gpb.CancelJobRequest(job_id=job_id, reason=reason), timeout=self.timeout)
+
+    def list(self, state: jpb.JobState = jpb.JOB_STATE_UNSPECIFIED, page_size: int = 100) -> Iterator[jpb.Job]:
+        token = ""
+        while True:
+            reply = self.stub.List(gpb.ListJobsRequest(state=state, page_size=page_size, page_token=token))
+            yield from reply.jobs
+            if not reply.next_page_token:
+                return
+            token = reply.next_page_token
+
+    # -- blobs -----------------------------------------------------------------------------
+    def put_bytes(self, data: bytes, media_type: str) -> pb.BlobHandle:
+        return self.stub.PutBlob(blob_chunks(pb.BlobHandle(media_type=media_type), data), timeout=self.timeout)
+
+    def put_tensor(self, t: torch.Tensor) -> pb.BlobHandle:
+        header, raw = tensor_header(t)
+        return self.stub.PutBlob(blob_chunks(header, raw), timeout=self.timeout)
+
+    def get_bytes(self, handle: pb.BlobHandle) -> tuple[pb.BlobHandle, bytes]:
+        header, data = pb.BlobHandle(), bytearray()
+        for chunk in self.stub.GetBlob(gpb.GetBlobRequest(blob=handle), timeout=self.timeout):
+            if chunk.HasField("header"):
+                header = chunk.header
+            else:
+                data += chunk.data
+        return header, bytes(data)
+
+    def get_tensor(self, handle: pb.BlobHandle) -> torch.Tensor:
+        header, data = self.get_bytes(handle)
+        return tensor_from_bytes(bytearray(data), header.dtype, list(header.shape))
+
+    # -- files -----------------------------------------------------------------------------
+    def upload_inputs(self, spec: jpb.JobSpec, base: Path) -> jpb.JobSpec:
+        return upload_inputs(spec, base, self.put_bytes, self.put_tensor)
+
+    def download_outputs(self, job: jpb.Job, out_dir: Path) -> builtins.list[Path]:
+        """Writes each output of a finished job as DIR/<stage>.<format>."""
+        paths = []
+        for output in job.outputs:
+            if output.HasField("latents"):
+                paths.append(save_output(out_dir, output, b"", self.get_tensor(output.latents.blob)))
+            else:
+                paths.append(save_output(out_dir, output, self.get_bytes(output.image)[1], None))
+        return paths

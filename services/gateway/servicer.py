@@ -1,0 +1,86 @@
+"""The Gateway gRPC servicer: a few lines per RPC over the orchestrator, job store and blobs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.api.baton.v1 import gateway_pb2 as gpb
+from services.common.api.baton.v1 import gateway_pb2_grpc
+from services.common.blobs import TENSOR, BlobStore
+from services.common.errors import InvalidArgument
+from services.gateway.jobs import TERMINAL, JobStore
+from services.gateway.orchestrator import Orchestrator
+
+DEFAULT_CHUNK = 1 << 20
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, orchestrator: Orchestrator, jobs: JobStore, blobs: BlobStore, max_blob_bytes: int):
+        self.orchestrator = orchestrator
+        self.jobs = jobs
+        self.blobs = blobs
+        self.max_blob_bytes = max_blob_bytes
+
+    async def Submit(self, request, context):
+        return await self.orchestrator.submit(request.spec, request.idempotency_key)
+
+    async def Run(self, request, context):
+        job = await self.orchestrator.submit(request.spec, request.idempotency_key)
+        async for event in self._events(job.id, ""):
+            yield event
+
+    async def Watch(self, request, context):
+        await self.jobs.get(request.job_id)  # NOT_FOUND for an unknown job
+        async for event in self._events(request.job_id, request.after_event_id):
+            yield event
+
+    async def _events(self, job_id: str, after: str):
+        """The job's events after `after`, until (and including) the one that ends it."""
+        cursor = after or "0"
+        while True:
+            for event in await self.jobs.events(job_id, cursor):
+                cursor = event.id
+                yield event
+                if event.WhichOneof("event") == "job_state" and event.job_state in TERMINAL:
+                    return
+            job = await self.jobs.get(job_id)
+            if job.state in TERMINAL and not await self.jobs.events(job_id, cursor, block_ms=0):
+                return  # ended before this watch's cursor (e.g. resumed after the last event)
+
+    async def Get(self, request, context):
+        return await self.jobs.get(request.job_id)
+
+    async def Cancel(self, request, context):
+        return await self.orchestrator.cancel(request.job_id, request.reason)
+
+    async def List(self, request, context):
+        jobs, token = await self.jobs.list_jobs(request.state, request.page_size, request.page_token)
+        return gpb.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def PutBlob(self, request_iterator, context):
+        header = None
+        data = bytearray()
+        async for chunk in request_iterator:
+            if chunk.HasField("header"):
+                header = chunk.header
+            else:
+                data += chunk.data
+                if len(data) > self.max_blob_bytes:
+                    raise InvalidArgument(f"blobs are limited to {self.max_blob_bytes} bytes here", field="data")
+        if header is None:
+            raise InvalidArgument("the first message must carry the blob's header", field="header")
+        if header.media_type == TENSOR and not header.shape:
+            raise InvalidArgument("a tensor blob needs dtype and shape in its header", field="header.shape")
+        return await asyncio.to_thread(
+            self.blobs.put_bytes, bytes(data), media_type=header.media_type or "application/octet-stream",
+            dtype=header.dtype, shape=list(header.shape),
+        )  # fmt: skip
+
+    async def GetBlob(self, request, context):
+        handle = await asyncio.to_thread(self.blobs.resolve, request.blob if request.blob.digest else request.blob.key)
+        data = await asyncio.to_thread(self.blobs.get_bytes, handle)
+        yield gpb.BlobChunk(header=handle)
+        size = request.chunk_bytes or DEFAULT_CHUNK
+        view = memoryview(data)
+        for start in range(0, len(view), size):
+            yield gpb.BlobChunk(data=bytes(view[start : start + size]))

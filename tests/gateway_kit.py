@@ -1,0 +1,119 @@
+"""A small Baton cluster of real processes for gateway tests, plus the reference computations."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from services.client import BatonClient
+from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.devkit.tiny_models import build
+from tests.redis_fixtures import redis_server
+from tests.service_procs import ServiceProcess
+
+TERMINAL = (jpb.JOB_STATE_SUCCEEDED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED)
+
+
+def demo_models(root: Path) -> dict[str, str]:
+    """The example specs' model names, mapped to tiny random models (two of each family)."""
+    return {
+        "sd1-a": str(build("sd1", root / "a" / "sd1", seed=0)),
+        "sd1-b": str(build("sd1", root / "b" / "sd1", seed=1)),
+        "sdxl-base": str(build("sdxl", root / "a" / "sdxl", seed=0)),
+        "sdxl-second": str(build("sdxl", root / "b" / "sdxl", seed=1)),
+    }
+
+
+def aliases(models: dict[str, str]) -> str:
+    return ",".join(f"{name}={path}" for name, path in models.items())
+
+
+class Cluster:
+    """Redis, one gateway and N denoisers, each a real process; any of them can be killed."""
+
+    def __init__(self, root: Path, models: dict[str, str], denoisers: int = 1, gateway_env: dict | None = None):
+        self.root = root
+        self.models = models
+        self.gateway_env = {"BATON_JOB_LEASE": "2", **(gateway_env or {})}
+        self._redis = contextlib.ExitStack()
+        self.redis_url = self._redis.enter_context(redis_server(root))
+        self.denoisers = [self.add_denoiser() for _ in range(denoisers)]
+        self.gateway = self.start_gateway()
+
+    def add_denoiser(self) -> ServiceProcess:
+        n = len(getattr(self, "denoisers", []))
+        env = {"BATON_MODELS": aliases(self.models), "BATON_REGISTRY_TTL": "3"}
+        return ServiceProcess(
+            "denoiser", self.redis_url, env, self.root / f"denoiser-{n}-{time.time_ns()}.log"
+        ).wait_serving()
+
+    def start_gateway(self) -> ServiceProcess:
+        log = self.root / f"gateway-{time.time_ns()}.log"
+        return ServiceProcess("gateway", self.redis_url, self.gateway_env, log).wait_serving()
+
+    def client(self) -> BatonClient:
+        return BatonClient(self.gateway.address)
+
+    def stop(self) -> None:
+        for proc in [self.gateway, *self.denoisers]:
+            proc.stop()
+        self._redis.close()
+
+
+def wait_for_job(client: BatonClient, job_id: str, timeout: float = 120) -> jpb.Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            job = client.get(job_id)
+            if job.state in TERMINAL:
+                return job
+        except grpc.RpcError:
+            pass  # a gateway being restarted
+        assert time.monotonic() < deadline, f"job {job_id} did not end"
+        time.sleep(0.2)
+
+
+def wait_for_progress(client: BatonClient, job_id: str, steps: int = 1) -> list[jpb.JobEvent]:
+    """Events up to the `steps`-th step event of the job."""
+    seen, count = [], 0
+    for event in client.watch(job_id):
+        seen.append(event)
+        if event.WhichOneof("event") == "progress":
+            count += 1
+            if count >= steps:
+                return seen
+    raise AssertionError(f"job {job_id} ended before {steps} steps: {seen[-1]}")
+
+
+@torch.no_grad()
+def sd1_window_reference(path: str, prompt: str, negative: str, steps: int, guidance: float, seed: int,
+                         start: float, end: float, latents: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """One window of an SD 1.x schedule by hand from diffusers' components (reference/hand_loop.md),
+    written here independently of Baton's engine."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative)
+    embeds = torch.cat([uncond, cond])
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps)
+    ts, T = scheduler.timesteps, scheduler.config.num_train_timesteps
+    begin = len(ts) - int((ts < round(T - start * T)).sum()) if start > 0 else 0
+    stop = int((ts >= round(T - end * T)).sum()) if end < 1 else len(ts)
+    scheduler.set_begin_index(begin)
+    if latents is None:
+        vsf = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        side = pipe.unet.config.sample_size
+        shape = (1, pipe.unet.config.in_channels, side, side)
+        assert side * vsf == 64
+        latents = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed)) * scheduler.init_noise_sigma
+    for t in ts[begin:stop]:
+        x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        u, c = pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0].chunk(2)
+        latents = scheduler.step(u + guidance * (c - u), t, latents, return_dict=False)[0]
+    return latents

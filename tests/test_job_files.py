@@ -1,0 +1,285 @@
+"""Job files on the client side: specs, input images and latents, outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from services.common.api.baton.v1 import handles_pb2 as pb
+from services.common.errors import InvalidArgument
+from services.common.job_files import (
+    OUTPUT_FORMATS,
+    input_kind,
+    load_spec,
+    read_image_file,
+    read_latents_file,
+    spec_to_yaml,
+    write_output,
+)
+
+SPEC = {
+    "name": "two-models",
+    "seed": 42,
+    "width": 64,
+    "height": 64,
+    "inputs": [{"name": "init", "path": "init.png"}],
+    "stages": [
+        {"name": "base", "denoise": {"model": "tiny-sd", "prompt": "a cat", "steps": 10, "denoising_end": 0.6}},
+        {"name": "refine", "denoise": {"model": "tiny-sd2", "latents": "base", "steps": 10, "denoising_start": 0.6}},
+    ],
+    "outputs": [{"stage": "refine", "format": "png"}, {"stage": "base", "format": "safetensors"}],
+}
+
+
+def png_bytes(size: tuple[int, int] = (20, 12), mode: str = "RGBA") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, (10, 200, 30, 128)[: len(mode)]).save(out, format="PNG")
+    return out.getvalue()
+
+
+def full_handle() -> pb.LatentHandle:
+    return pb.LatentHandle(
+        space="sdxl",
+        scaling=pb.LATENT_SCALING_RAW,
+        noise=pb.NoiseLevel(fraction=0.6, cutoff_timestep=400, timestep=399.0, sigma=2.5, num_train_timesteps=1000),
+        scheduler=pb.SchedulerSpec(
+            class_name="EulerDiscreteScheduler",
+            config_json='{"beta_start": 0.00085}',
+            steps=25,
+            mu=0.75,
+            state=pb.BlobHandle(key="job/base/state"),
+        ),
+        seed=2**63 + 5,
+        width=1024,
+        height=768,
+        model="stabilityai/stable-diffusion-xl-base-1.0",
+        blob=pb.BlobHandle(key="job/base"),
+    )
+
+
+# --- specs ---
+
+
+def test_yaml_and_json_specs_parse_to_the_same_jobspec(tmp_path: Path):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(SPEC))
+    (tmp_path / "job.json").write_text(json.dumps(SPEC))
+    from_yaml, from_json = load_spec(tmp_path / "job.yaml"), load_spec(str(tmp_path / "job.json"))
+    assert from_yaml == from_json
+    assert [s.denoise.model for s in from_yaml.stages] == ["tiny-sd", "tiny-sd2"]
+    assert from_yaml.stages[1].denoise.denoising_start == 0.6
+    assert [(o.stage, o.format) for o in from_yaml.outputs] == [("refine", "png"), ("base", "safetensors")]
+
+
+def test_spec_to_yaml_round_trips(tmp_path: Path):
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(SPEC))
+    spec = load_spec(tmp_path / "job.yml")
+    (tmp_path / "again.yaml").write_text(spec_to_yaml(spec))
+    assert load_spec(tmp_path / "again.yaml") == spec
+
+
+def test_unknown_spec_field_names_the_field_and_the_file(tmp_path: Path):
+    bad = {"stages": [{"name": "base", "denoise": {"stepz": 3}}]}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(InvalidArgument) as e:
+        load_spec(tmp_path / "job.yaml")
+    assert "job.yaml" in str(e.value) and '"stepz"' in str(e.value) and "JobSpec.stages[0].denoise" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "", "  \n"])
+def test_empty_or_non_mapping_spec_is_refused(tmp_path: Path, text: str):
+    (tmp_path / "job.yaml").write_text(text)
+    with pytest.raises(InvalidArgument, match=r"job\.yaml"):
+        load_spec(tmp_path / "job.yaml")
+
+
+def test_unparsable_json_spec_is_refused(tmp_path: Path):
+    (tmp_path / "job.json").write_text("{not json")
+    with pytest.raises(InvalidArgument, match=r"job\.json: not valid json"):
+        load_spec(tmp_path / "job.json")
+
+
+# --- latents inputs ---
+
+
+def test_bare_tensor_pt_reads_as_finished_latents(tmp_path: Path):
+    t = torch.randn(1, 4, 8, 8)
+    torch.save(t, tmp_path / "l.pt")
+    got, handle = read_latents_file(tmp_path / "l.pt")
+    assert torch.equal(got, t)
+    assert handle.space == "" and handle.scaling == pb.LATENT_SCALING_MODEL and handle.noise.fraction == 1.0
+    assert not handle.HasField("blob")
+
+
+@pytest.mark.parametrize("key", ["latents", "latent", "sample", "samples"])
+def test_dict_pt_with_each_accepted_key(tmp_path: Path, key: str):
+    t = torch.randn(1, 4, 8, 8)
+    torch.save({key: t, "other": torch.zeros(2), "note": "hi"}, tmp_path / "l.pth")
+    assert torch.equal(read_latents_file(tmp_path / "l.pth")[0], t)
+
+
+def test_accepted_keys_are_tried_in_order(tmp_path: Path):
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    torch.save({"samples": b, "latent": a}, tmp_path / "l.pt")
+    assert torch.equal(read_latents_file(tmp_path / "l.pt")[0], a)
+
+
+@pytest.mark.parametrize("key", ["latents", "sample"])
+def test_safetensors_with_accepted_key(tmp_path: Path, key: str):
+    t = torch.randn(1, 16, 8, 8, dtype=torch.bfloat16)
+    save_file({key: t, "extra": torch.zeros(3)}, str(tmp_path / "l.safetensors"))
+    got, handle = read_latents_file(tmp_path / "l.safetensors")
+    assert torch.equal(got, t) and got.dtype == torch.bfloat16
+    assert handle.scaling == pb.LATENT_SCALING_MODEL and handle.noise.fraction == 1.0
+
+
+@pytest.mark.parametrize("name", ["l.safetensors", "l.pt"])
+def test_a_single_entry_under_any_key_is_the_latents(tmp_path: Path, name: str):
+    t = torch.randn(1, 4, 8, 8)
+    if name.endswith(".safetensors"):
+        save_file({"x": t}, str(tmp_path / name))
+    else:
+        torch.save({"x": t}, tmp_path / name)
+    assert torch.equal(read_latents_file(tmp_path / name)[0], t)
+
+
+def test_three_dims_gain_a_batch_dim(tmp_path: Path):
+    t = torch.randn(4, 8, 8)
+    torch.save(t, tmp_path / "l.pt")
+    got, _ = read_latents_file(tmp_path / "l.pt")
+    assert got.shape == (1, 4, 8, 8) and torch.equal(got[0], t)
+
+
+def test_two_unknown_keys_are_refused_listing_them(tmp_path: Path):
+    save_file({"foo": torch.zeros(1, 4, 8, 8), "bar": torch.zeros(1, 4, 8, 8)}, str(tmp_path / "l.safetensors"))
+    with pytest.raises(InvalidArgument) as e:
+        read_latents_file(tmp_path / "l.safetensors")
+    assert "'bar', 'foo'" in str(e.value) and "latents, latent, sample, samples" in str(e.value)
+
+
+def test_integer_latents_are_refused(tmp_path: Path):
+    torch.save(torch.zeros(1, 4, 8, 8, dtype=torch.int64), tmp_path / "l.pt")
+    with pytest.raises(InvalidArgument, match=r"torch\.int64"):
+        read_latents_file(tmp_path / "l.pt")
+
+
+def test_five_dim_latents_are_refused(tmp_path: Path):
+    torch.save(torch.zeros(1, 1, 4, 8, 8), tmp_path / "l.pt")
+    with pytest.raises(InvalidArgument, match=r"\[1, 1, 4, 8, 8\]"):
+        read_latents_file(tmp_path / "l.pt")
+
+
+class Payload:
+    """Unpickling this would run arbitrary code; weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pickled_objects_are_never_unpickled(tmp_path: Path, capsys):
+    torch.save({"latents": torch.zeros(1, 4, 8, 8), "payload": Payload()}, tmp_path / "l.pt")
+    with pytest.raises(InvalidArgument, match=r"not plain tensors: torch\.load\(weights_only=True\) refused"):
+        read_latents_file(tmp_path / "l.pt")
+    assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_corrupt_latents_files_are_refused(tmp_path: Path):
+    (tmp_path / "l.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InvalidArgument, match=r"l\.safetensors: not a readable safetensors"):
+        read_latents_file(tmp_path / "l.safetensors")
+
+
+# --- round trips ---
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "pth"])
+def test_latents_round_trip_bit_exact_with_metadata(tmp_path: Path, fmt: str):
+    t = torch.randn(1, 4, 16, 12, dtype=torch.float16)
+    path = write_output(tmp_path / "out" / f"l.{fmt}", latents=t, handle=full_handle())
+    got, handle = read_latents_file(path)
+    assert torch.equal(got, t) and got.dtype == t.dtype
+    want = full_handle()
+    want.ClearField("blob")
+    want.scheduler.ClearField("state")
+    assert handle == want
+
+
+def test_pt_output_loads_with_weights_only(tmp_path: Path):
+    path = write_output(tmp_path / "l.pt", latents=torch.randn(1, 4, 8, 8), handle=full_handle())
+    data = torch.load(path, weights_only=True)
+    assert set(data) == {"latents", "baton"} and data["baton"]["space"] == "sdxl"
+
+
+def test_latents_without_handle_read_back_as_finished(tmp_path: Path):
+    t = torch.randn(1, 4, 8, 8)
+    path = write_output(tmp_path / "l.safetensors", latents=t)
+    got, handle = read_latents_file(path)
+    assert torch.equal(got, t) and handle.noise.fraction == 1.0
+
+
+# --- images ---
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpg", "JPEG"), ("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_image_outputs_in_each_format(tmp_path: Path, fmt: str, pil_format: str):
+    path = write_output(tmp_path / f"img.{fmt}", image_bytes=png_bytes())
+    with Image.open(path) as img:
+        assert img.format == pil_format and img.size == (20, 12)
+
+
+def test_image_outputs_from_jpeg_bytes(tmp_path: Path):
+    jpeg = io.BytesIO()
+    Image.new("RGB", (9, 7), "red").save(jpeg, format="JPEG")
+    path = write_output(tmp_path / "img.png", image_bytes=jpeg.getvalue())
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (9, 7)
+
+
+@pytest.mark.parametrize(("fmt", "media_type"), [("png", "image/png"), ("jpg", "image/jpeg"), ("webp", "image/webp")])
+def test_read_image_file_gives_the_media_type(tmp_path: Path, fmt: str, media_type: str):
+    path = write_output(tmp_path / f"img.{fmt}", image_bytes=png_bytes())
+    data, got = read_image_file(path)
+    assert got == media_type and data == path.read_bytes()
+
+
+def test_corrupt_image_is_refused(tmp_path: Path):
+    (tmp_path / "img.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(InvalidArgument, match=r"img\.png: not a readable image"):
+        read_image_file(tmp_path / "img.png")
+
+
+def test_input_kind_by_extension():
+    assert input_kind("a.PNG") == "image" and input_kind("m.webp") == "image"
+    assert input_kind("l.safetensors") == "latents" and input_kind(Path("l.pth")) == "latents"
+    with pytest.raises(InvalidArgument, match=r"\.gif.*accepted: \.png"):
+        input_kind("a.gif")
+
+
+# --- mismatches ---
+
+
+def test_latents_to_an_image_format_is_refused_helpfully(tmp_path: Path):
+    with pytest.raises(
+        InvalidArgument, match="stage produces latents: use safetensors, pt or pth, or add a decode stage"
+    ):
+        write_output(tmp_path / "out.png", latents=torch.zeros(1, 4, 8, 8))
+
+
+def test_image_to_a_latents_format_is_refused_helpfully(tmp_path: Path):
+    with pytest.raises(InvalidArgument, match="stage produces an image: use png, jpg or webp"):
+        write_output(tmp_path / "out.safetensors", image_bytes=png_bytes())
+
+
+def test_unknown_output_format_is_refused(tmp_path: Path):
+    with pytest.raises(InvalidArgument, match="unknown output format 'gif'"):
+        write_output(tmp_path / "out.gif", image_bytes=png_bytes())
+
+
+def test_output_formats_name_what_each_holds():
+    assert {k for k, v in OUTPUT_FORMATS.items() if v == "latents"} == {"pt", "pth", "safetensors"}
