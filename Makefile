@@ -43,9 +43,9 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy services/common services/denoiser services/gateway services/client
 
 bench: setup
-	$(PY) bench/blobs.py
-	$(PY) bench/denoise.py
-	$(PY) bench/pipeline.py
+	$(PY) -m bench.blobs
+	$(PY) -m bench.denoise
+	$(PY) -m bench.pipeline
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

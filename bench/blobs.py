@@ -1,6 +1,6 @@
 """Blob store put+get against raw redis-py SET+GET of the same bytes, in the same run.
 
-    .venv/bin/python bench/blobs.py [--repeat N] [--redis-url URL]
+    .venv/bin/python -m bench.blobs [--repeat N] [--redis-url URL]
 
 Prints, per size, the median time of both and the ratio raw / baton (1.0 = as fast as raw
 redis-py; the target is 0.8 or better at every size).
@@ -9,15 +9,14 @@ redis-py; the target is 0.8 or better at every size).
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
 import torch
 
+from bench.timing import median_time
 from services.cli.cluster import free_port
 from services.cli.redis_server import redis_argv, wait_for_ping
 from services.common.blobs import BlobStore
@@ -25,16 +24,6 @@ from services.common.redis_conn import connect
 from services.common.tensors import tensor_bytes
 
 SIZES = [("256 KiB", 256 << 10), ("1 MiB", 1 << 20), ("16 MiB", 16 << 20), ("256 MiB", 256 << 20)]
-
-
-def median_time(fn, repeat: int, cleanup=lambda: None) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        cleanup()
-    return statistics.median(times)
 
 
 def measure(client: redis.Redis, store: BlobStore, size: int, repeat: int) -> tuple[float, float]:

@@ -1,6 +1,6 @@
 """The same denoise job through the Denoiser service (warm) and through in-process diffusers.
 
-    .venv/bin/python bench/denoise.py [--configs tiny,medium] [--steps N] [--repeat N]
+    .venv/bin/python -m bench.denoise [--configs tiny,medium] [--steps N] [--repeat N]
 
 Builds random SD 1.x models (tiny: diffusers' test config at 32x32 latents; medium: UNet
 (128, 256, 512) at 64x64 latents), starts Redis and a denoiser subprocess, and times a full
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import grpc
 import torch
 from diffusers import StableDiffusionPipeline
 
+from bench.timing import median_time
 from services.cli.cluster import free_port, health_status
 from services.cli.redis_server import redis_argv, wait_for_ping
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
@@ -32,15 +32,6 @@ from services.devkit.tiny_models import build
 
 CONFIGS = {"tiny": ("tiny", 64), "medium": ("medium", 512)}  # model size, image side in pixels
 PROMPT = "a photo of a mountain landscape at night"
-
-
-def median(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def start_denoiser(redis_url: str, models: dict[str, Path], log: Path) -> tuple[subprocess.Popen, str]:
@@ -82,7 +73,7 @@ def compare(stub, name: str, path: Path, side: int, steps: int, repeat: int) -> 
         assert events[-1].HasField("result")
 
     in_process(), through_service()  # warm both
-    return median(in_process, repeat), median(through_service, repeat), side // vsf
+    return median_time(in_process, repeat), median_time(through_service, repeat), side // vsf
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """A two-stage cooperative job through a warm local cluster vs. the same steps in process.
 
-    .venv/bin/python bench/pipeline.py [--configs tiny,medium] [--steps N] [--repeat N] [--jobs N]
+    .venv/bin/python -m bench.pipeline [--configs tiny,medium] [--steps N] [--repeat N] [--jobs N]
 
 Model A runs the first 60% of the schedule, model B the rest (random SD 1.x models: tiny at
 32x32 latents, medium with a (128, 256, 512) UNet at 64x64). In process, diffusers' own
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from google.protobuf import json_format
 
+from bench.timing import median_time
 from services.cli.cluster import LocalCluster
 from services.client import BatonClient
 from services.common.api.baton.v1 import jobs_pb2 as jpb
@@ -67,15 +67,6 @@ def window(pipe, steps: int, start: float, end: float, latents, seed: int, side:
     return latents
 
 
-def median(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run_job(address: str, job: jpb.JobSpec) -> None:
     with BatonClient(address) as client:
         submitted = client.submit(job)
@@ -113,8 +104,8 @@ def main() -> None:
 
                 job = spec(config, args.steps)
                 in_process(), run_job(address, job)  # warm both
-                base = median(in_process, args.repeat)
-                ours = median(lambda job=job: run_job(address, job), args.repeat)
+                base = median_time(in_process, args.repeat)
+                ours = median_time(lambda job=job: run_job(address, job), args.repeat)
                 print(f"{config:>8} {base:>10.3f}s {ours:>9.3f}s {ours / base:>6.3f}", flush=True)
             if "tiny" in configs and args.jobs:
                 jobs = [spec("tiny", args.steps, seed=i) for i in range(args.jobs)]
@@ -122,7 +113,7 @@ def main() -> None:
                 with ThreadPoolExecutor(args.jobs) as pool:
                     list(pool.map(lambda j: run_job(address, j), jobs))
                 wall = time.perf_counter() - start
-                one = median(lambda: run_job(address, jobs[0]), args.repeat)
+                one = median_time(lambda: run_job(address, jobs[0]), args.repeat)
                 print(f"{args.jobs} tiny jobs at once: {wall:.2f}s wall, {wall / args.jobs:.3f}s per job "
                       f"(one alone: {one:.3f}s; {args.jobs * one / wall:.2f}x of running them one by one)")  # fmt: skip
 

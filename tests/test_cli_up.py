@@ -109,9 +109,8 @@ def test_services_without_engines_answer_unimplemented(cluster):
 
 def test_the_gateway_answers_not_found_for_an_unknown_job(cluster):
     _, info = cluster
-    with grpc.insecure_channel(info["gateway"]["address"]) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            gateway_pb2_grpc.GatewayStub(channel).Get(gateway_pb2.GetJobRequest(job_id="nope"), timeout=10)
+    with grpc.insecure_channel(info["gateway"]["address"]) as channel, pytest.raises(grpc.RpcError) as err:
+        gateway_pb2_grpc.GatewayStub(channel).Get(gateway_pb2.GetJobRequest(job_id="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
 
 

@@ -67,39 +67,25 @@ def chain(engine, store, model, cuts, **fields) -> torch.Tensor:
     return store.get_tensor(handle.blob)
 
 
-def test_sd1_full_run_equals_stable_diffusion_pipeline(models, engine, store):
-    ours, handle = run(engine, store, models["sd1"], guidance_scale=7.5, width=64, height=64)
-    pipe = pipeline(StableDiffusionPipeline, models["sd1"])
+@pytest.mark.parametrize(
+    "family,cls,guidance", [("sd1", StableDiffusionPipeline, 7.5), ("sdxl", StableDiffusionXLPipeline, 5.0)]
+)
+def test_full_run_equals_the_text_to_image_pipeline(models, engine, store, family, cls, guidance):
+    ours, handle = run(engine, store, models[family], guidance_scale=guidance, width=64, height=64)
+    pipe = pipeline(cls, models[family])
     theirs = pipe(
         PROMPT,
         negative_prompt=NEGATIVE,
         num_inference_steps=STEPS,
-        guidance_scale=7.5,
+        guidance_scale=guidance,
         generator=generator(),
         output_type="latent",
         width=64,
         height=64,
     ).images
     assert torch.equal(ours, theirs)
-    assert handle.noise.fraction == 1.0 and handle.space == "sd1" and handle.seed == 42
+    assert handle.noise.fraction == 1.0 and handle.space == family and handle.seed == 42
     assert (handle.width, handle.height) == (64, 64)
-
-
-def test_sdxl_full_run_equals_stable_diffusion_xl_pipeline(models, engine, store):
-    ours, handle = run(engine, store, models["sdxl"], guidance_scale=5.0, width=64, height=64)
-    pipe = pipeline(StableDiffusionXLPipeline, models["sdxl"])
-    theirs = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=STEPS,
-        guidance_scale=5.0,
-        generator=generator(),
-        output_type="latent",
-        width=64,
-        height=64,
-    ).images
-    assert torch.equal(ours, theirs)
-    assert handle.space == "sdxl"
 
 
 @pytest.mark.parametrize(

@@ -230,47 +230,47 @@ def wait_until(check, message: str, timeout: float = 60) -> None:
 
 
 # -- failures: each test makes its own cluster, since it kills parts of it ----------------
-def test_a_killed_worker_is_replaced_by_another_one(tmp_path, models):
-    cluster = Cluster(tmp_path, models, denoisers=2)
-    try:
-        with cluster.client() as client:
-            job = client.submit(slow_spec(steps=6))
-            wait_for_progress(client, job.id, steps=1)
-            running = client.get(job.id).stages[0].worker
-            victim = next(d for d in cluster.denoisers if d.address == running)
-            victim.process.send_signal(signal.SIGKILL)
-            done = wait_for_job(client, job.id, timeout=240)
-        assert done.state == jpb.JOB_STATE_SUCCEEDED, done.error
-        assert done.stages[0].attempts == 2 and done.stages[0].worker != running
-    finally:
-        cluster.stop()
+@pytest.fixture
+def failing(tmp_path, models, request):
+    """A cluster with `request.param` denoisers and a slow job running its first step on it."""
+    cluster = Cluster(tmp_path, models, denoisers=request.param)
+    with cluster.client() as client:
+        job = client.submit(slow_spec(steps=6))
+        wait_for_progress(client, job.id, steps=1)
+        worker = client.get(job.id).stages[0].worker
+    yield cluster, job.id, worker
+    cluster.stop()
 
 
-def test_a_killed_only_worker_fails_the_job_with_a_reason(tmp_path, models):
-    cluster = Cluster(tmp_path, models, denoisers=1)
-    try:
-        with cluster.client() as client:
-            job = client.submit(slow_spec(steps=6))
-            wait_for_progress(client, job.id, steps=1)
-            cluster.denoisers[0].process.send_signal(signal.SIGKILL)
-            done = wait_for_job(client, job.id, timeout=120)
-        assert done.state == jpb.JOB_STATE_FAILED
-        assert ("stage 'slow'" in done.error and "UNAVAILABLE" in done.error) or "no denoiser" in done.error
-    finally:
-        cluster.stop()
+def finished(cluster: Cluster, job_id: str) -> jpb.Job:
+    with cluster.client() as client:
+        return wait_for_job(client, job_id, timeout=240)
 
 
-def test_a_gateway_restarted_mid_job_leaves_no_job_running(tmp_path, models):
-    cluster = Cluster(tmp_path, models, denoisers=1)
-    try:
-        with cluster.client() as client:
-            job = client.submit(slow_spec(steps=6))
-            wait_for_progress(client, job.id, steps=1)
-        cluster.gateway.process.send_signal(signal.SIGKILL)
-        cluster.gateway.process.wait()
-        cluster.gateway = cluster.start_gateway()
-        with cluster.client() as client:
-            done = wait_for_job(client, job.id, timeout=240)
-        assert done.state == jpb.JOB_STATE_SUCCEEDED, done.error
-    finally:
-        cluster.stop()
+@pytest.mark.parametrize("failing", [2], indirect=True)
+def test_a_killed_worker_is_replaced_by_another_one(failing):
+    cluster, job_id, worker = failing
+    next(d for d in cluster.denoisers if d.address == worker).process.send_signal(signal.SIGKILL)
+    done = finished(cluster, job_id)
+    assert done.state == jpb.JOB_STATE_SUCCEEDED, done.error
+    assert done.stages[0].attempts == 2 and done.stages[0].worker != worker
+
+
+@pytest.mark.parametrize("failing", [1], indirect=True)
+def test_a_killed_only_worker_fails_the_job_with_a_reason(failing):
+    cluster, job_id, _ = failing
+    cluster.denoisers[0].process.send_signal(signal.SIGKILL)
+    done = finished(cluster, job_id)
+    assert done.state == jpb.JOB_STATE_FAILED
+    assert "stage 'slow'" in done.error
+    assert "UNAVAILABLE" in done.error or "no denoiser worker" in done.error, done.error
+
+
+@pytest.mark.parametrize("failing", [1], indirect=True)
+def test_a_gateway_restarted_mid_job_leaves_no_job_running(failing):
+    cluster, job_id, _ = failing
+    cluster.gateway.process.send_signal(signal.SIGKILL)
+    cluster.gateway.process.wait()
+    cluster.gateway = cluster.start_gateway()
+    done = finished(cluster, job_id)
+    assert done.state == jpb.JOB_STATE_SUCCEEDED, done.error
