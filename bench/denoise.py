@@ -1,12 +1,13 @@
 """The same denoise job through the Denoiser service (warm) and through in-process diffusers.
 
-    .venv/bin/python -m bench.denoise [--configs tiny,medium] [--steps N] [--repeat N]
+    .venv/bin/python -m bench.denoise [--configs sd1-tiny,sd1-medium,...] [--steps N] [--repeat N]
 
-Builds random SD 1.x models (tiny: diffusers' test config at 32x32 latents; medium: UNet
-(128, 256, 512) at 64x64 latents), starts Redis and a denoiser subprocess, and times a full
-text-to-image run both ways in the same run. The ratio is service / diffusers (lower is better;
-the target is 1.05 or better on the medium config). The service time is what a client sees:
-the gRPC stream of step events, the window, and the latents written to Redis.
+Builds random models of each family (sd1, sd3, flux) in two sizes (tiny: diffusers' test
+configs at 32x32 latents; medium: e.g. an SD 1.x UNet (128, 256, 512), at 64x64 latents),
+starts Redis and a denoiser subprocess, and times a full text-to-image run both ways in the
+same run. The ratio is service / diffusers (lower is better; the target is 1.05 or better on
+the medium configs). The service time is what a client sees: the gRPC stream of step events,
+the window, and the latents written to Redis.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from bench.timing import median_time
 from services.cli.cluster import free_port, health_status
@@ -30,7 +31,8 @@ from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.devkit.tiny_models import build
 
-CONFIGS = {"tiny": ("tiny", 64), "medium": ("medium", 512)}  # model size, image side in pixels
+SIDES = {"tiny": 64, "medium": 512}  # image side in pixels: 32x32 and 64x64 latents
+DEFAULT_CONFIGS = "sd1-tiny,sd1-medium,sd3-tiny,sd3-medium,flux-tiny,flux-medium"
 PROMPT = "a photo of a mountain landscape at night"
 
 
@@ -59,7 +61,7 @@ def start_denoiser(redis_url: str, models: dict[str, Path], log: Path) -> tuple[
 
 def compare(stub, name: str, path: Path, side: int, steps: int, repeat: int) -> tuple[float, float, int]:
     """Median seconds in process and through the service, and the latent side length."""
-    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     vsf = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     request = dpb.DenoiseRequest(model=name, prompt=PROMPT, steps=steps, seed=1, width=side, height=side)
@@ -78,14 +80,14 @@ def compare(stub, name: str, path: Path, side: int, steps: int, repeat: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="tiny,medium")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="family-size pairs")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     configs = args.configs.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        models = {name: build("sd1", root / name, size=CONFIGS[name][0]) for name in configs}
+        models = {name: build(name.split("-")[0], root / name, size=name.split("-")[1]) for name in configs}
         port = free_port()
         redis = subprocess.Popen(redis_argv(port, root), stdout=subprocess.DEVNULL)
         wait_for_ping(port, redis)
@@ -94,10 +96,11 @@ def main() -> None:
             stub = denoiser_pb2_grpc.DenoiserStub(grpc.insecure_channel(address))
             threads = torch.get_num_threads()
             print(f"torch {torch.__version__}, {threads} threads, {args.steps} steps, median of {args.repeat}")
-            print(f"{'config':>8} {'latents':>8} {'diffusers':>10} {'service':>10} {'ratio':>6}")
+            print(f"{'config':>12} {'latents':>8} {'diffusers':>10} {'service':>10} {'ratio':>6}")
             for name in configs:
-                base, ours, latent = compare(stub, name, models[name], CONFIGS[name][1], args.steps, args.repeat)
-                print(f"{name:>8} {latent:>5}^2 {base:>9.3f}s {ours:>9.3f}s {ours / base:>6.3f}", flush=True)
+                side = SIDES[name.split("-")[1]]
+                base, ours, latent = compare(stub, name, models[name], side, args.steps, args.repeat)
+                print(f"{name:>12} {latent:>5}^2 {base:>9.3f}s {ours:>9.3f}s {ours / base:>6.3f}", flush=True)
         finally:
             denoiser.terminate()
             denoiser.wait()

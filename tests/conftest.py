@@ -45,3 +45,16 @@ def models(tmp_path_factory) -> dict[str, str]:
     from tests.denoise_kit import build_models
 
     return build_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def flow_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny SD3 (shift 3) and two tiny Flux models (dynamic shifting) on disk."""
+    from services.devkit.tiny_models import build
+
+    root = tmp_path_factory.mktemp("flow-models")
+    return {
+        "sd3": str(build("sd3", root / "sd3")),
+        "flux": str(build("flux", root / "flux")),
+        "flux_b": str(build("flux", root / "flux_b", seed=5)),
+    }

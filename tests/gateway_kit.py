@@ -117,3 +117,40 @@ def sd1_window_reference(path: str, prompt: str, negative: str, steps: int, guid
         u, c = pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0].chunk(2)
         latents = scheduler.step(u + guidance * (c - u), t, latents, return_dict=False)[0]
     return latents
+
+
+@torch.no_grad()
+def flux_window_reference(path: str, prompt: str, steps: int, guidance: float, seed: int, side: int,
+                          start: float, end: float, latents: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """One window of a Flux schedule by hand from diffusers' components (reference/hand_loop.md),
+    independent of Baton's engine; latents in and out as [B, 16, H, W]."""
+    import numpy as np
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    pipe = FluxPipeline.from_pretrained(path)
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, device="cpu", max_sequence_length=512)
+    vsf = pipe.vae_scale_factor
+    h = w = 2 * (side // (vsf * 2))
+    if latents is None:
+        packed, image_ids = pipe.prepare_latents(1, 16, side, side, embeds.dtype, "cpu",
+                                                 torch.Generator("cpu").manual_seed(seed))  # fmt: skip
+    else:
+        packed = pipe._pack_latents(latents, 1, 16, h, w)
+        image_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", embeds.dtype)
+    config = pipe.scheduler.config
+    mu = calculate_shift((h // 2) * (w // 2), config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                         config.max_shift)  # fmt: skip
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ts, T = scheduler.timesteps, config.num_train_timesteps
+    begin = len(ts) - int((ts < round(T - start * T)).sum()) if start > 0 else 0
+    stop = int((ts >= round(T - end * T)).sum()) if end < 1 else len(ts)
+    scheduler.set_begin_index(begin)
+    g = torch.full([1], guidance)
+    for t in ts[begin:stop]:
+        inputs = {"pooled_projections": pooled, "encoder_hidden_states": embeds, "txt_ids": text_ids}
+        v = pipe.transformer(hidden_states=packed, timestep=t.expand(1) / 1000, guidance=g, img_ids=image_ids,
+                             return_dict=False, **inputs)[0]  # fmt: skip
+        packed = scheduler.step(v, t, packed, return_dict=False)[0]
+    return pipe._unpack_latents(packed, side, side, vsf)

@@ -8,6 +8,7 @@ the model's lock, and writes the result with all the metadata a next stage needs
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import secrets
@@ -23,7 +24,7 @@ from PIL import Image
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.blobs import BlobStore
-from services.common.errors import BatonError, Cancelled, DeadlineExceeded, InvalidArgument
+from services.common.errors import BatonError, Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from services.denoiser import schedulers, vae
 from services.denoiser.cache import ModelCache
 from services.denoiser.families.base import (
@@ -188,6 +189,12 @@ class DenoiseEngine:
         scheduler, caps, restore = self._scheduler(req, model, incoming)
         if window.partial:
             schedulers.check_can_split(caps)
+        mu = None
+        if partial_in:
+            assert incoming is not None
+            _check_same_schedule(incoming.handle.scheduler, scheduler)
+            if incoming.handle.scheduler.HasField("mu"):
+                mu = incoming.handle.scheduler.mu
 
         image = _located("image", lambda: self._image(req.image, "RGB")) if req.image.key else None
         mask = _located("mask", lambda: self._image(req.mask, "L")) if req.mask.key else None
@@ -220,6 +227,7 @@ class DenoiseEngine:
             image=image,
             mask=mask,
             strength=strength,
+            mu=mu,
         )
         return job, caps
 
@@ -303,6 +311,8 @@ class DenoiseEngine:
         spec = pb.SchedulerSpec(
             class_name=type(scheduler).__name__, config_json=schedulers.config_json(scheduler), steps=job.steps
         )
+        if result.mu is not None:
+            spec.mu = result.mu
         if not done and caps.split == "state":
             state = schedulers.save_state(scheduler, caps)
             if state is not None:
@@ -360,6 +370,26 @@ class DenoiseEngine:
             buf.getvalue(), media_type=f"image/{formats[fmt].lower()}", name=req.output_key or None
         )
         return dpb.DecodeResponse(image=blob, width=images[0].width, height=images[0].height)
+
+
+# Scheduler settings that shape a flow-matching schedule: windows only line up when they agree.
+SCHEDULE_SHAPE = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+                  "max_image_seq_len", "num_train_timesteps")  # fmt: skip
+
+
+def _check_same_schedule(before: pb.SchedulerSpec, scheduler: Any) -> None:
+    """A continuation must sit on its producer's noise schedule (SD3's shift, Flux's shifting)."""
+    if not before.config_json or "FlowMatch" not in before.class_name + type(scheduler).__name__:
+        return
+    theirs = json.loads(before.config_json)
+    for key in SCHEDULE_SHAPE:
+        if key in theirs and theirs[key] != scheduler.config.get(key):
+            raise FailedPrecondition(
+                f"the latents were left on a schedule with {key}={theirs[key]!r}; this model's scheduler has "
+                f"{key}={scheduler.config.get(key)!r}, so the windows would not line up. Set scheduler_config "
+                f"{{{key}: {theirs[key]!r}}} on this stage",
+                field="scheduler_config",
+            )
 
 
 def _sigma_at(scheduler: Any, index: int) -> float:

@@ -44,9 +44,17 @@ class DenoiseWindow:
 
     def indices(self, timesteps: torch.Tensor, num_train_timesteps: int, order: int = 1) -> tuple[int, int]:
         """[begin, stop) indices into the scheduler's timesteps that this window runs."""
-        begin = len(timesteps) - _steps_below(self.start, timesteps, num_train_timesteps, order) if self.start else 0
-        stop = len(timesteps) - _steps_below(self.end, timesteps, num_train_timesteps, order) if self.end < 1 else None
-        return max(begin, 0), len(timesteps) if stop is None else max(stop, begin)
+        begin = boundary(self.start, timesteps, num_train_timesteps, order) if self.start else 0
+        return begin, max(self.stop(timesteps, num_train_timesteps, order), begin)
+
+    def stop(self, timesteps: torch.Tensor, num_train_timesteps: int, order: int = 1) -> int:
+        """The index this window stops before (the end of the schedule for end = 1)."""
+        return boundary(self.end, timesteps, num_train_timesteps, order) if self.end < 1 else len(timesteps)
+
+
+def boundary(fraction: float, timesteps: torch.Tensor, num_train_timesteps: int, order: int = 1) -> int:
+    """The index where `fraction` of the schedule is done: one window stops and the next begins there."""
+    return max(len(timesteps) - _steps_below(fraction, timesteps, num_train_timesteps, order), 0)
 
 
 def _steps_below(fraction: float, timesteps: torch.Tensor, num_train_timesteps: int, order: int) -> int:
@@ -69,3 +77,10 @@ def strength_begin(steps: int, strength: float, order: int = 1) -> int:
         raise InvalidArgument(f"strength must be in (0, 1], got {strength}", field="strength")
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0) * order
+
+
+def flow_strength_begin(steps: int, strength: float, order: int = 1) -> int:
+    """img2img start as the flow-matching pipelines (SD3, Flux) compute it: on the unrounded step count."""
+    if not 0.0 < strength <= 1.0:
+        raise InvalidArgument(f"strength must be in (0, 1], got {strength}", field="strength")
+    return int(max(steps - min(steps * strength, steps), 0)) * order

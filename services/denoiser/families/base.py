@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from services.common.latent_spaces import LatentSpace
-from services.denoiser.window import DenoiseWindow
+from services.denoiser.window import DenoiseWindow, strength_begin
 
 # Where the incoming latents stand: none, initial noise, part-way, or finished.
 TXT2IMG, FROM_NOISE, CONTINUE, IMG2IMG, INPAINT = "txt2img", "from_noise", "continue", "img2img", "inpaint"
@@ -45,6 +45,9 @@ class WindowJob:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     strength: float = 1.0
+    # Flow-matching schedule shift the producer used (Flux's resolution-dependent mu): a
+    # continuation reuses it so that both windows sit on one schedule.
+    mu: float | None = None
 
 
 @dataclass
@@ -55,6 +58,7 @@ class WindowResult:
     timesteps: torch.Tensor
     begin: int
     stop: int
+    mu: float | None = None
 
 
 class StepHooks:
@@ -102,6 +106,28 @@ class Family:
     def size_multiple(self, vae_scale_factor: int) -> int:
         """Image sizes must be multiples of this (in pixels)."""
         return vae_scale_factor
+
+    def window_indices(self, job: WindowJob, scheduler: Any) -> tuple[int, int]:
+        """[begin, stop) of the schedule this job runs: from strength (img2img) or the window."""
+        ts = scheduler.timesteps
+        T = scheduler.config.num_train_timesteps
+        if job.mode in (IMG2IMG, INPAINT) and job.window.start == 0.0:
+            begin = self.strength_begin(job.steps, job.strength, scheduler.order)
+            return begin, max(job.window.stop(ts, T, scheduler.order), begin)
+        return job.window.indices(ts, T, scheduler.order)
+
+    def strength_begin(self, steps: int, strength: float, order: int) -> int:
+        """img2img: where the schedule starts for `strength` (UNet pipelines round the step count down)."""
+        return strength_begin(steps, strength, order)
+
+    def img2img_input(self, model: Any, pipe: Any, job: WindowJob) -> torch.Tensor:
+        """The image to start from: the given one, or finished latents decoded by this model's VAE."""
+        if job.image is not None:
+            return pipe.image_processor.preprocess(job.image)
+        from services.denoiser.vae import decode_to_tensor
+
+        assert job.latents is not None
+        return decode_to_tensor(model, job.latents)
 
     def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
         raise NotImplementedError

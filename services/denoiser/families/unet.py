@@ -26,7 +26,6 @@ from services.denoiser.families.base import (
     WindowJob,
     WindowResult,
 )
-from services.denoiser.window import cutoff, strength_begin
 
 PIPELINE_FOR_MODE = {
     TXT2IMG: "txt2img",
@@ -70,17 +69,6 @@ class UNetFamily(Family):
     def pipeline(self, model: Any, mode: str) -> Any:
         kind = PIPELINE_FOR_MODE[mode]
         return model.variant(kind, self.pipeline_classes[kind])
-
-    def window_indices(self, job: WindowJob, scheduler: Any) -> tuple[int, int]:
-        ts = scheduler.timesteps
-        T = scheduler.config.num_train_timesteps
-        if job.mode in (IMG2IMG, INPAINT) and job.window.start == 0.0:
-            begin = strength_begin(job.steps, job.strength, scheduler.order)
-            stop = len(ts)
-            if job.window.end < 1.0:
-                stop = begin + int((ts[begin:] >= cutoff(job.window.end, T)).sum().item())
-            return begin, stop
-        return job.window.indices(ts, T, scheduler.order)
 
     def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
         device = model.device
@@ -149,16 +137,7 @@ class UNetFamily(Family):
             hooks.after(i, len(window), float(t), latents)
         return WindowResult(latents=latents, scheduler=scheduler, timesteps=timesteps, begin=begin, stop=stop)
 
-    # -- img2img and inpainting ------------------------------------------------------------
-    def img2img_input(self, model: Any, pipe: Any, job: WindowJob) -> torch.Tensor:
-        """The image to start from: the given one, or finished latents decoded by this model's VAE."""
-        if job.image is not None:
-            return pipe.image_processor.preprocess(job.image)
-        from services.denoiser.vae import decode_to_tensor
-
-        assert job.latents is not None
-        return decode_to_tensor(model, job.latents)
-
+    # -- inpainting ------------------------------------------------------------------------
     def prepare_inpaint(self, model, pipe, job, first, dtype, device, gen, do_cfg):
         init_image = pipe.image_processor.preprocess(job.image, height=job.height, width=job.width).to(torch.float32)
         unet_channels = pipe.unet.config.in_channels

@@ -1,0 +1,123 @@
+"""FLUX.1: a guidance-distilled MMDiT on 16-channel latents packed 2x2 into a token sequence.
+
+Latents enter and leave as [B, 16, H, W]; packing into the transformer's [B, H*W/4, 64]
+sequence happens only inside this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FluxImg2ImgPipeline, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from services.common.errors import FailedPrecondition
+from services.common.latent_spaces import LatentSpace, get_space
+from services.denoiser.families.base import (
+    CONTINUE,
+    FROM_NOISE,
+    IMG2IMG,
+    INPAINT,
+    TXT2IMG,
+    Family,
+    StepHooks,
+    WindowJob,
+    WindowResult,
+)
+from services.denoiser.window import flow_strength_begin
+
+
+class Flux(Family):
+    name = "flux"
+    denoiser_subfolder = "transformer"
+    pipeline_class = FluxPipeline
+    pipeline_classes = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline}
+    pipeline_names = ("FluxPipeline", "FluxImg2ImgPipeline")
+
+    def latent_space(self, vae_config: dict) -> LatentSpace:
+        return get_space("flux").with_vae_config(vae_config)
+
+    def default_size(self, denoiser_config: dict, vae_scale_factor: int) -> tuple[int, int]:
+        side = 128 * vae_scale_factor  # FluxPipeline.default_sample_size: the transformer config has none
+        return side, side
+
+    def default_guidance(self, mode: str) -> float:
+        return 7.0 if mode == IMG2IMG else 3.5  # FluxImg2ImgPipeline's default differs from FluxPipeline's
+
+    def default_strength(self, mode: str) -> float:
+        return 0.6
+
+    def size_multiple(self, vae_scale_factor: int) -> int:
+        return vae_scale_factor * 2  # latents are packed in 2x2 patches
+
+    def strength_begin(self, steps: int, strength: float, order: int) -> int:
+        return flow_strength_begin(steps, strength, order)
+
+    def mu(self, pipe: Any, job: WindowJob) -> float:
+        """The resolution-dependent shift, or the producer's when continuing its schedule."""
+        if job.mu is not None:
+            return job.mu
+        config = pipe.scheduler.config
+        seq_len = (job.height // pipe.vae_scale_factor // 2) * (job.width // pipe.vae_scale_factor // 2)
+        return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                               config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+
+    def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
+        if job.mode == INPAINT:
+            raise FailedPrecondition("inpainting is not supported for Flux models yet", field="mask")
+        device = model.device
+        kind = "img2img" if job.mode in (IMG2IMG, CONTINUE) else "txt2img"
+        pipe = model.variant(kind, self.pipeline_classes[kind])
+        scheduler = pipe.scheduler = job.scheduler
+        gen = torch.Generator("cpu").manual_seed(job.seed)
+        guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=job.prompt, prompt_2=job.prompt_2 or None, device=device, num_images_per_prompt=job.num_images,
+            max_sequence_length=job.max_sequence_length or 512,
+        )  # fmt: skip
+        dtype = embeds.dtype
+        channels = pipe.transformer.config.in_channels // 4
+        vsf = pipe.vae_scale_factor
+        h, w = 2 * (job.height // (vsf * 2)), 2 * (job.width // (vsf * 2))
+        if job.mode == TXT2IMG:
+            latents, image_ids = pipe.prepare_latents(job.num_images, channels, job.height, job.width, dtype,
+                                                      device, gen)  # fmt: skip
+        mu = self.mu(pipe, job)
+        # FluxPipeline's own sigmas, unless the scheduler makes its own flow sigmas.
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / job.steps, job.steps)
+        scheduler.set_timesteps(job.steps, device=device, sigmas=sigmas, mu=mu)
+        begin, stop = self.window_indices(job, scheduler)
+        scheduler.set_begin_index(begin)
+        if job.restore_state is not None:
+            job.restore_state(scheduler)
+        timesteps = scheduler.timesteps
+        if job.mode in (FROM_NOISE, CONTINUE):
+            assert job.latents is not None
+            latents = pipe._pack_latents(job.latents.to(device, dtype), job.num_images, channels, h, w)
+            image_ids = pipe._prepare_latent_image_ids(job.num_images, h // 2, w // 2, device, dtype)
+        elif job.mode == IMG2IMG:
+            image = self.img2img_input(model, pipe, job)
+            first = timesteps[begin : begin + 1].repeat(job.num_images)
+            latents, image_ids = pipe.prepare_latents(image, first, job.num_images, channels, job.height,
+                                                      job.width, dtype, device, gen)  # fmt: skip
+        embedded = None
+        if pipe.transformer.config.guidance_embeds:
+            embedded = torch.full([1], guidance, device=device, dtype=torch.float32).expand(latents.shape[0])
+        window = timesteps[begin:stop]
+        for i, t in enumerate(window):
+            hooks.before(i, len(window))
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            v = pipe.transformer(hidden_states=latents, timestep=timestep / 1000, guidance=embedded,
+                                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                 img_ids=image_ids, return_dict=False)[0]  # fmt: skip
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            hooks.after(i, len(window), float(t), pipe._unpack_latents(latents, job.height, job.width, vsf))
+        unpacked = pipe._unpack_latents(latents, job.height, job.width, vsf)
+        return WindowResult(unpacked, scheduler, timesteps, begin, stop, mu=mu)
+
+    def img2img_input(self, model: Any, pipe: Any, job: WindowJob) -> torch.Tensor:
+        if job.image is not None:
+            return pipe.image_processor.preprocess(job.image, height=job.height, width=job.width)
+        return super().img2img_input(model, pipe, job)

@@ -1,0 +1,114 @@
+"""SD3 / SD3.5: an MMDiT transformer on 16-channel latents, three text encoders, flow matching."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+from services.common.errors import FailedPrecondition
+from services.common.latent_spaces import LatentSpace, get_space
+from services.denoiser.families.base import (
+    CONTINUE,
+    FROM_NOISE,
+    IMG2IMG,
+    INPAINT,
+    TXT2IMG,
+    Family,
+    StepHooks,
+    WindowJob,
+    WindowResult,
+)
+from services.denoiser.window import flow_strength_begin
+
+
+class SD3(Family):
+    name = "sd3"
+    denoiser_subfolder = "transformer"
+    pipeline_class = StableDiffusion3Pipeline
+    pipeline_classes = {"txt2img": StableDiffusion3Pipeline, "img2img": StableDiffusion3Img2ImgPipeline}
+    pipeline_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+
+    def latent_space(self, vae_config: dict) -> LatentSpace:
+        return get_space("sd3").with_vae_config(vae_config)
+
+    def default_guidance(self, mode: str) -> float:
+        return 7.0
+
+    def default_strength(self, mode: str) -> float:
+        return 0.6
+
+    def size_multiple(self, vae_scale_factor: int) -> int:
+        return vae_scale_factor * 2  # the transformer's 2x2 patches
+
+    def strength_begin(self, steps: int, strength: float, order: int) -> int:
+        return flow_strength_begin(steps, strength, order)
+
+    def schedule_kwargs(self, pipe: Any, job: WindowJob) -> dict:
+        """set_timesteps arguments: the producer's mu, else the pipeline's own (dynamic shifting only)."""
+        if job.mu is not None:
+            return {"mu": job.mu}
+        config = pipe.scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return {}
+        patch = pipe.transformer.config.patch_size
+        seq_len = (job.height // pipe.vae_scale_factor // patch) * (job.width // pipe.vae_scale_factor // patch)
+        mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.16))  # fmt: skip
+        return {"mu": mu}
+
+    def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
+        if job.mode == INPAINT:
+            raise FailedPrecondition("inpainting is not supported for SD3 models yet", field="mask")
+        device = model.device
+        kind = "img2img" if job.mode in (IMG2IMG, CONTINUE) else "txt2img"
+        pipe = model.variant(kind, self.pipeline_classes[kind])
+        scheduler = pipe.scheduler = job.scheduler
+        gen = torch.Generator("cpu").manual_seed(job.seed)
+        guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
+        do_cfg = guidance > 1
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=job.prompt, prompt_2=job.prompt_2 or None, prompt_3=job.prompt_3 or None, device=device,
+            num_images_per_prompt=job.num_images, do_classifier_free_guidance=do_cfg,
+            negative_prompt=job.negative_prompt or None, negative_prompt_2=job.negative_prompt_2 or None,
+            negative_prompt_3=job.negative_prompt_3 or None, max_sequence_length=job.max_sequence_length or 256,
+        )  # fmt: skip
+        if do_cfg:
+            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+        dtype = embeds.dtype
+        if job.mode == TXT2IMG:  # the pipeline draws its noise before it sets the schedule
+            channels = pipe.transformer.config.in_channels
+            latents = pipe.prepare_latents(job.num_images, channels, job.height, job.width, dtype, device, gen)
+        kwargs = self.schedule_kwargs(pipe, job)
+        scheduler.set_timesteps(job.steps, device=device, **kwargs)
+        begin, stop = self.window_indices(job, scheduler)
+        scheduler.set_begin_index(begin)
+        if job.restore_state is not None:
+            job.restore_state(scheduler)
+        timesteps = scheduler.timesteps
+        if job.mode in (FROM_NOISE, CONTINUE):  # flow matching: no init_noise_sigma to apply
+            assert job.latents is not None
+            latents = job.latents.to(device, dtype)
+        elif job.mode == IMG2IMG:
+            image = self.img2img_input(model, pipe, job)
+            first = timesteps[begin : begin + 1].repeat(job.num_images)
+            latents = pipe.prepare_latents(image, first, job.num_images, 1, dtype, device, gen)
+        window = timesteps[begin:stop]
+        for i, t in enumerate(window):
+            hooks.before(i, len(window))
+            x = torch.cat([latents] * 2) if do_cfg else latents
+            v = pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=embeds,
+                                 pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
+            if do_cfg:
+                uncond, text = v.chunk(2)
+                v = uncond + guidance * (text - uncond)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            hooks.after(i, len(window), float(t), latents)
+        return WindowResult(latents, scheduler, timesteps, begin, stop, mu=kwargs.get("mu"))
+
+    def img2img_input(self, model: Any, pipe: Any, job: WindowJob) -> torch.Tensor:
+        if job.image is not None:  # the flow-matching pipelines resize to the requested size
+            return pipe.image_processor.preprocess(job.image, height=job.height, width=job.width)
+        return super().img2img_input(model, pipe, job)
