@@ -46,6 +46,7 @@ def start_denoiser(redis_url: str, models: dict[str, Path], log: Path) -> tuple[
         "BATON_REDIS_URL": redis_url,
         "BATON_MODELS": ",".join(f"{name}={path}" for name, path in models.items()),
         "BATON_PRELOAD": ",".join(models),
+        "BATON_MAX_MODELS": str(len(models)),  # all stay resident: time the window, not reloads
         "HF_HUB_OFFLINE": "1",
     }
     process = subprocess.Popen(

@@ -88,6 +88,7 @@ def main() -> None:
                  enumerate("ab")}  # fmt: skip
         os.environ["BATON_MODELS"] = ",".join(f"{k}={v}" for k, v in paths.items())
         os.environ["BATON_PRELOAD"] = ",".join(paths)
+        os.environ["BATON_MAX_MODELS"] = str(len(paths))  # all stay resident: time the jobs, not reloads
         os.environ["HF_HUB_OFFLINE"] = "1"
         with LocalCluster(log_dir=Path(tmp) / "logs", default_ports=False) as cluster:
             address = cluster.address("gateway")
