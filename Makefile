@@ -40,12 +40,13 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
-	$(VENV)/bin/mypy services/common services/denoiser services/gateway services/client
+	$(VENV)/bin/mypy services/common services/denoiser services/gateway services/client services/interposer
 
 bench: setup
 	$(PY) -m bench.blobs
 	$(PY) -m bench.denoise
 	$(PY) -m bench.pipeline
+	$(PY) -m bench.interposer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -35,13 +35,19 @@ def aliases(models: dict[str, str]) -> str:
 class Cluster:
     """Redis, one gateway and N denoisers, each a real process; any of them can be killed."""
 
-    def __init__(self, root: Path, models: dict[str, str], denoisers: int = 1, gateway_env: dict | None = None):
+    def __init__(self, root: Path, models: dict[str, str], denoisers: int = 1, gateway_env: dict | None = None,
+                 interposer_env: dict | None = None):  # fmt: skip
         self.root = root
         self.models = models
         self.gateway_env = {"BATON_JOB_LEASE": "2", **(gateway_env or {})}
         self._redis = contextlib.ExitStack()
         self.redis_url = self._redis.enter_context(redis_server(root))
         self.denoisers = [self.add_denoiser() for _ in range(denoisers)]
+        self.workers = list(self.denoisers)
+        if interposer_env is not None:
+            log = self.root / "interposer.log"
+            self.interposer = ServiceProcess("interposer", self.redis_url, interposer_env, log).wait_serving()
+            self.workers.append(self.interposer)
         self.gateway = self.start_gateway()
 
     def add_denoiser(self) -> ServiceProcess:
@@ -59,7 +65,7 @@ class Cluster:
         return BatonClient(self.gateway.address)
 
     def stop(self) -> None:
-        for proc in [self.gateway, *self.denoisers]:
+        for proc in [self.gateway, *self.workers]:
             proc.stop()
         self._redis.close()
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Verb modules; each defines register(subparsers) and sets `func` on its parser.
-VERBS = ("run", "submit", "watch", "get", "cancel", "ls", "up", "serve", "dev")
+VERBS = ("run", "submit", "watch", "get", "cancel", "ls", "up", "serve", "interposer", "dev")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Verbs that hand their arguments to a tool of their own take whatever argparse did not know.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     return int(args.func(args) or 0)
 
 

@@ -61,8 +61,10 @@ def build(settings, runtime) -> list[Mount]:
         load_on_demand=settings.load_on_demand,
     )
     executor = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="denoise")
+    # Preloading runs on the denoise thread too: every thread that runs torch ops gets an
+    # OpenMP team of its own, and teams left on other threads slow the windows down.
     for name in filter(None, (p.strip() for p in settings.preload.split(","))):
-        runtime.before_serving(lambda name=name: cache.load(name))
+        runtime.before_serving(lambda name=name: executor.submit(cache.load, name).result())
     runtime.before_serving(lambda: inspect_aliases(cache))
     runtime.on_shutdown(lambda: executor.shutdown(wait=False, cancel_futures=True))
     servicer = DenoiserServicer(DenoiseEngine(runtime.store, cache), cache, executor)

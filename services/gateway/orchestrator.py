@@ -21,10 +21,11 @@ from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.blobs import BlobStore
 from services.common.errors import BatonError, Unavailable
+from services.common.workers import WorkerPool
+from services.gateway.catalog import ModelCatalog
 from services.gateway.jobs import TERMINAL, JobStore, now_ts
 from services.gateway.planner import WORKER_FOR, Plan, Planner, referenced_models
 from services.gateway.stages import RUNNERS, StageCall, StageResult
-from services.gateway.workers import ModelCatalog, WorkerPool
 
 log = logging.getLogger("baton.gateway")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)

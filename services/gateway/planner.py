@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.common.api.baton.v1.interposer_pb2 import CONVERSION_METHOD_VAE
 from services.common.errors import BatonError, InvalidArgument
 from services.common.job_files import OUTPUT_FORMATS
 from services.common.latent_spaces import SPACES
@@ -262,7 +263,10 @@ class Planner:
                 stage=name,
                 field="interpose.latents",
             )
-        return Product(LATENTS, body.target, 1.0, "", "", incoming.width, incoming.height)
+        if body.method == CONVERSION_METHOD_VAE and not body.target_model:
+            raise InvalidArgument(f"the VAE round trip encodes with a target model's VAE: name a {body.target} model",
+                                  stage=name, field="interpose.target_model")  # fmt: skip
+        return Product(LATENTS, body.target, 1.0, body.target_model, "", incoming.width, incoming.height)
 
     def _process(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
         body, name = planned.spec.process, planned.name

@@ -32,10 +32,11 @@ def _addresses(text: str) -> list[str]:
 def build(settings, runtime) -> list[Mount]:
     from services.common.redis_conn import connect_async
     from services.common.registry import WorkerRegistry
+    from services.common.workers import WorkerPool
+    from services.gateway.catalog import ModelCatalog
     from services.gateway.jobs import JobStore
     from services.gateway.orchestrator import Orchestrator
     from services.gateway.servicer import GatewayServicer
-    from services.gateway.workers import ModelCatalog, WorkerPool
 
     jobs = JobStore(connect_async(settings.redis_url, settings.redis_cluster), retention_s=settings.job_retention)
     static = {

@@ -1,21 +1,45 @@
-"""The interposer service's settings and servicers."""
+"""The interposer service: settings, and the engine and servicer built from them."""
 
 from __future__ import annotations
 
-from services.common.api.baton.v1 import interposer_pb2, interposer_pb2_grpc
-from services.common.config import service_settings
+from services.common.api.baton.v1 import interposer_pb2_grpc
+from services.common.config import Setting, service_settings
 from services.common.server import Mount, Service
-from services.common.unimplemented import unimplemented_mount
 
-SETTINGS = service_settings(port=50053, metrics_port=9153, worker=True)
+SETTINGS = service_settings(
+    port=50053,
+    metrics_port=9153,
+    worker=True,
+    extra=(
+        Setting("interposer-dir", "", "folder of {src}-to-{dst}_interposer-v4.0.safetensors files"),
+        Setting(
+            "interposer-repo", "city96/SD-Latent-Interposer", "hub repo to fetch missing weights from, if reachable"
+        ),
+        Setting("device", "auto", "torch device for the networks: auto picks cuda when there is one"),
+        Setting("dtype", "float32", "network dtype", choices=("float32", "float16", "bfloat16")),
+        Setting("denoisers", "", "static denoiser addresses for the VAE round trip, besides the registry"),
+    ),
+)
 
 
 def build(settings, runtime) -> list[Mount]:
-    return [
-        unimplemented_mount(
-            interposer_pb2, interposer_pb2_grpc, "Interposer", "the interposer engine lands with issue 6"
-        )
-    ]
+    import torch
+
+    from services.common.registry import WorkerRegistry
+    from services.common.workers import WorkerPool
+    from services.interposer.engine import InterposerEngine
+    from services.interposer.servicer import InterposerServicer
+    from services.interposer.weights import WeightsLocator
+
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    static = {"denoiser": [a.strip() for a in settings.denoisers.split(",") if a.strip()]}
+    pool = WorkerPool(WorkerRegistry(runtime.redis), static, settings.max_message_bytes)
+    locator = WeightsLocator(settings.interposer_dir, settings.interposer_repo)
+    engine = InterposerEngine(runtime.store, locator, pool, device, getattr(torch, settings.dtype))
+    servicer = InterposerServicer(engine)
+    runtime.advertise("interposer", servicer.worker_info)
+    runtime.on_shutdown(pool.close)
+    return [Mount(servicer, interposer_pb2_grpc.add_InterposerServicer_to_server, "baton.v1.Interposer")]
 
 
 SERVICE = Service("interposer", "Latent-space conversion between model families.", SETTINGS, build)

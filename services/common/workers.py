@@ -1,22 +1,22 @@
-"""Where stages run: workers from the registry (or static addresses), and what models they hold."""
+"""WorkerPool: workers of each kind, from the registry (or static addresses), with cached channels.
+
+The gateway routes stages with it; the interposer finds denoisers for its VAE fallback with it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
 import grpc
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
-from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.api.baton.v1 import workers_pb2 as wpb
-from services.common.errors import BatonError, InvalidArgument, NotFound, Unavailable
+from services.common.errors import Unavailable
 from services.common.registry import WorkerRegistry
 from services.common.server import grpc_options
 
-log = logging.getLogger("baton.gateway.workers")
 HOLDING = (dpb.MODEL_STATE_READY, dpb.MODEL_STATE_OFFLOADED)
 
 
@@ -76,47 +76,3 @@ class WorkerPool:
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
-
-
-class ModelCatalog:
-    """What each model is, for the planner: from worker records, else asked of a denoiser."""
-
-    def __init__(self, pool: WorkerPool, ttl_s: float = 60.0):
-        self.pool = pool
-        self.ttl_s = ttl_s
-        self._asked: dict[str, tuple[float, dpb.ModelInfo]] = {}
-
-    async def resolve(self, name: str) -> dpb.ModelInfo:
-        workers = await self.pool.workers("denoiser")
-        for worker in workers:
-            for info in worker.info.models if worker.info else ():
-                if info.name == name:
-                    return info
-        hit = self._asked.get(name)
-        if hit and time.monotonic() - hit[0] < self.ttl_s:
-            return hit[1]
-        askable = [w for w in workers if w.info is None or w.info.load_on_demand]
-        if not askable:
-            known = sorted({m.name for w in workers if w.info for m in w.info.models})
-            raise InvalidArgument(f"unknown model {name!r}; the denoisers serve: {', '.join(known) or 'none'}")
-        for worker in askable:
-            stub = denoiser_pb2_grpc.DenoiserStub(self.pool.channel(worker.address))
-            try:
-                info = await stub.InspectModel(dpb.InspectModelRequest(model=name), timeout=60)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    continue
-                raise InvalidArgument(exc.details() or f"unknown model {name!r}") from exc
-            self._asked[name] = (time.monotonic(), info)
-            return info
-        raise Unavailable(f"no denoiser answered about model {name!r}")
-
-    async def resolve_all(self, names: set[str]) -> dict[str, dpb.ModelInfo | BatonError]:
-        """Each name's info, or the error to report at the stage that names it."""
-        out: dict[str, dpb.ModelInfo | BatonError] = {}
-        for name in names:
-            try:
-                out[name] = await self.resolve(name)
-            except (InvalidArgument, NotFound) as exc:
-                out[name] = exc
-        return out

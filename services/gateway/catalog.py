@@ -1,0 +1,56 @@
+"""ModelCatalog: what each model is, for the planner, without loading it."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from services.common.api.baton.v1 import denoiser_pb2 as dpb
+from services.common.api.baton.v1 import denoiser_pb2_grpc
+from services.common.errors import BatonError, InvalidArgument, NotFound, Unavailable
+from services.common.workers import WorkerPool
+
+
+class ModelCatalog:
+    """What each model is, for the planner: from worker records, else asked of a denoiser."""
+
+    def __init__(self, pool: WorkerPool, ttl_s: float = 60.0):
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self._asked: dict[str, tuple[float, dpb.ModelInfo]] = {}
+
+    async def resolve(self, name: str) -> dpb.ModelInfo:
+        workers = await self.pool.workers("denoiser")
+        for worker in workers:
+            for info in worker.info.models if worker.info else ():
+                if info.name == name:
+                    return info
+        hit = self._asked.get(name)
+        if hit and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        askable = [w for w in workers if w.info is None or w.info.load_on_demand]
+        if not askable:
+            known = sorted({m.name for w in workers if w.info for m in w.info.models})
+            raise InvalidArgument(f"unknown model {name!r}; the denoisers serve: {', '.join(known) or 'none'}")
+        for worker in askable:
+            stub = denoiser_pb2_grpc.DenoiserStub(self.pool.channel(worker.address))
+            try:
+                info = await stub.InspectModel(dpb.InspectModelRequest(model=name), timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    continue
+                raise InvalidArgument(exc.details() or f"unknown model {name!r}") from exc
+            self._asked[name] = (time.monotonic(), info)
+            return info
+        raise Unavailable(f"no denoiser answered about model {name!r}")
+
+    async def resolve_all(self, names: set[str]) -> dict[str, dpb.ModelInfo | BatonError]:
+        """Each name's info, or the error to report at the stage that names it."""
+        out: dict[str, dpb.ModelInfo | BatonError] = {}
+        for name in names:
+            try:
+                out[name] = await self.resolve(name)
+            except (InvalidArgument, NotFound) as exc:
+                out[name] = exc
+        return out
