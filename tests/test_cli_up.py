@@ -96,7 +96,6 @@ def test_up_serves_all_four_services_with_health_and_reflection(cluster):
 def test_services_without_engines_answer_unimplemented(cluster):
     _, info = cluster
     calls = [
-        ("interposer", interposer_pb2_grpc.InterposerStub, "ListConversions", interposer_pb2.ListConversionsRequest()),
         ("processor", processor_pb2_grpc.ProcessorStub, "ListProcessors", processor_pb2.ListProcessorsRequest()),
     ]
     for name, stub_class, method, request in calls:
@@ -112,6 +111,14 @@ def test_the_gateway_answers_not_found_for_an_unknown_job(cluster):
     with grpc.insecure_channel(info["gateway"]["address"]) as channel, pytest.raises(grpc.RpcError) as err:
         gateway_pb2_grpc.GatewayStub(channel).Get(gateway_pb2.GetJobRequest(job_id="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+
+
+def test_the_interposer_lists_the_vae_round_trip_with_no_weights_here(cluster):
+    _, info = cluster
+    with grpc.insecure_channel(info["interposer"]["address"]) as channel:
+        stub = interposer_pb2_grpc.InterposerStub(channel)
+        reply = stub.ListConversions(interposer_pb2.ListConversionsRequest(), timeout=10)
+    assert [c.method for c in reply.conversions] == [interposer_pb2.CONVERSION_METHOD_VAE]
 
 
 def test_the_denoiser_answers_with_no_models_loaded(cluster):
