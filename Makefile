@@ -40,7 +40,7 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/ruff format --check services tests bench
-	$(VENV)/bin/mypy services/common services/denoiser services/gateway services/client services/interposer
+	$(VENV)/bin/mypy services
 
 bench: setup
 	$(PY) -m bench.blobs

@@ -36,7 +36,7 @@ class Cluster:
     """Redis, one gateway and N denoisers, each a real process; any of them can be killed."""
 
     def __init__(self, root: Path, models: dict[str, str], denoisers: int = 1, gateway_env: dict | None = None,
-                 interposer_env: dict | None = None):  # fmt: skip
+                 interposer_env: dict | None = None, processor_env: dict | None = None):  # fmt: skip
         self.root = root
         self.models = models
         self.gateway_env = {"BATON_JOB_LEASE": "2", **(gateway_env or {})}
@@ -48,6 +48,10 @@ class Cluster:
             log = self.root / "interposer.log"
             self.interposer = ServiceProcess("interposer", self.redis_url, interposer_env, log).wait_serving()
             self.workers.append(self.interposer)
+        if processor_env is not None:
+            log = self.root / "processor.log"
+            self.processor = ServiceProcess("processor", self.redis_url, processor_env, log).wait_serving()
+            self.workers.append(self.processor)
         self.gateway = self.start_gateway()
 
     def add_denoiser(self) -> ServiceProcess:

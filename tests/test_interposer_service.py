@@ -51,7 +51,8 @@ def cluster(tmp_path_factory):
         "sdxl": str(build("sdxl", root / "sdxl")),
         "flux": str(build("flux", root / "flux")),
     }
-    c = Cluster(root, models, interposer_env={"BATON_INTERPOSER_DIR": str(weights), "HF_HUB_OFFLINE": "1"})
+    c = Cluster(root, models, interposer_env={"BATON_INTERPOSER_DIR": str(weights), "HF_HUB_OFFLINE": "1"},
+                processor_env={})  # fmt: skip
     c.weights = weights
     yield c
     c.stop()
@@ -175,3 +176,16 @@ def test_the_planner_asks_for_a_target_model_before_a_vae_round_trip(cluster):
         client.submit(spec)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "stage 'to_flux'" in info.value.details() and "interpose.target_model" in info.value.details()
+
+
+def test_the_interposer_processor_converts_through_the_interposer_service(cluster, store):
+    from services.common.api.baton.v1 import processor_pb2 as ppb
+    from services.common.api.baton.v1 import processor_pb2_grpc
+
+    handle = finished(store, "sd1", 4)
+    stub = processor_pb2_grpc.ProcessorStub(cluster.processor.channel)
+    reply = stub.Process(ppb.ProcessRequest(inputs=[handle], processors=["interposer;target=sdxl;method=net"]))
+    assert reply.latents.space == "sdxl"
+    net = load_interposer(cluster.weights / weights_filename("v1", "xl"), "v1", "xl")
+    expected = convert(net, store.get_tensor(handle.blob), get_space("sd1"), get_space("sdxl"))
+    torch.testing.assert_close(store.get_tensor(reply.latents.blob), expected, rtol=0, atol=1e-5)

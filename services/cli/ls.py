@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from services.client import BatonClient
     from services.common.api.baton.v1 import jobs_pb2 as jpb
 
-    state = jpb.JobState.Value(f"JOB_STATE_{args.state.upper()}") if args.state else 0
+    state: jpb.JobState = getattr(jpb, f"JOB_STATE_{args.state.upper()}") if args.state else jpb.JOB_STATE_UNSPECIFIED
     with BatonClient(args.gateway) as client:
         for job in itertools.islice(client.list(state), args.limit):
             created = job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")

@@ -7,7 +7,7 @@ any work, with the same code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ BASE_ARGS = (
         help="move any module the processor loaded off the GPU after it runs",
     ),
 )  # fmt: skip
-_TYPES = {"int": int, "float": float, "bool": parse_bool, "str": str}
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "bool": parse_bool, "str": str}
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,15 @@ def bind(call: ProcessorCall, info: ppb.ProcessorInfo) -> dict[str, Any]:
         low = arg.min if arg.HasField("min") else None
         high = arg.max if arg.HasField("max") else None
         if (low is not None and value < low) or (high is not None and value > high):
-            raise InvalidArgument(f"{call.name}: {name}={text} is out of range [{_bound(low)}, {_bound(high)}]")
+            raise InvalidArgument(
+                f"{call.name}: {name}={text} is out of range [{_bound(low, '-inf')}, {_bound(high, 'inf')}]"
+            )
         out[name.replace("-", "_")] = value
     return out
 
 
-def _bound(value: float | None) -> str:
-    return "-inf" if value is None else f"{value:g}"
+def _bound(value: float | None, unbounded: str) -> str:
+    return unbounded if value is None else f"{value:g}"
 
 
 def check_chains(

@@ -7,7 +7,8 @@ import time
 import grpc
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
-from services.common.api.baton.v1 import denoiser_pb2_grpc
+from services.common.api.baton.v1 import denoiser_pb2_grpc, processor_pb2_grpc
+from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.errors import BatonError, InvalidArgument, NotFound, Unavailable
 from services.common.workers import WorkerPool
 
@@ -19,6 +20,7 @@ class ModelCatalog:
         self.pool = pool
         self.ttl_s = ttl_s
         self._asked: dict[str, tuple[float, dpb.ModelInfo]] = {}
+        self._processors: tuple[float, dict[str, ppb.ProcessorInfo]] | None = None
 
     async def resolve(self, name: str) -> dpb.ModelInfo:
         workers = await self.pool.workers("denoiser")
@@ -44,6 +46,21 @@ class ModelCatalog:
             self._asked[name] = (time.monotonic(), info)
             return info
         raise Unavailable(f"no denoiser answered about model {name!r}")
+
+    async def processors(self) -> dict[str, ppb.ProcessorInfo]:
+        """The processors a processor worker declares (empty when none is available)."""
+        if self._processors and time.monotonic() - self._processors[0] < self.ttl_s:
+            return self._processors[1]
+        try:
+            worker = await self.pool.pick("processor")
+            reply = await processor_pb2_grpc.ProcessorStub(self.pool.channel(worker.address)).ListProcessors(
+                ppb.ListProcessorsRequest(), timeout=30
+            )
+        except (Unavailable, grpc.aio.AioRpcError):
+            return {}
+        infos = {p.name: p for p in reply.processors}
+        self._processors = (time.monotonic(), infos)
+        return infos
 
     async def resolve_all(self, names: set[str]) -> dict[str, dpb.ModelInfo | BatonError]:
         """Each name's info, or the error to report at the stage that names it."""

@@ -24,7 +24,7 @@ from services.common.errors import BatonError, Unavailable
 from services.common.workers import WorkerPool
 from services.gateway.catalog import ModelCatalog
 from services.gateway.jobs import TERMINAL, JobStore, now_ts
-from services.gateway.planner import WORKER_FOR, Plan, Planner, referenced_models
+from services.gateway.planner import WORKER_FOR, Plan, Planner, referenced_models, uses_processors
 from services.gateway.stages import RUNNERS, StageCall, StageResult
 
 log = logging.getLogger("baton.gateway")
@@ -67,7 +67,8 @@ class Orchestrator:
     async def plan(self, spec: jpb.JobSpec) -> Plan:
         """The checked DAG for `spec`; InvalidArgument names the stage and field at fault."""
         models = await self.catalog.resolve_all(referenced_models(spec))
-        return Planner(models, await self.pool.kinds()).plan(spec)
+        processors = await self.catalog.processors() if uses_processors(spec) else {}
+        return Planner(models, await self.pool.kinds(), processors).plan(spec)
 
     async def submit(self, spec: jpb.JobSpec, idempotency_key: str = "") -> jpb.Job:
         plan = await self.plan(spec)

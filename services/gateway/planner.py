@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.api.baton.v1.interposer_pb2 import CONVERSION_METHOD_VAE
 from services.common.errors import BatonError, InvalidArgument
 from services.common.job_files import OUTPUT_FORMATS
 from services.common.latent_spaces import SPACES
+from services.common.processor_uri import check_chains
 from services.common.scheduler_caps import NEVER, capabilities
 
 LATENTS, IMAGE = "latents", "image"
@@ -73,6 +75,15 @@ def referenced_models(spec: jpb.JobSpec) -> set[str]:
     return names
 
 
+def uses_processors(spec: jpb.JobSpec) -> bool:
+    for stage in spec.stages:
+        kind = stage_kind(stage)
+        if kind == "process" or (kind == "denoise" and (stage.denoise.latents_processors or
+                                                        stage.denoise.output_processors)):  # fmt: skip
+            return True
+    return False
+
+
 def _refs(stage: jpb.StageSpec) -> list[tuple[str, str, str]]:
     """(field, referenced name, wanted product) for each input of a stage."""
     kind = stage_kind(stage)
@@ -91,9 +102,15 @@ def _refs(stage: jpb.StageSpec) -> list[tuple[str, str, str]]:
 class Planner:
     """Checks a spec against the models and worker kinds there are."""
 
-    def __init__(self, models: dict[str, dpb.ModelInfo | BatonError], worker_kinds: set[str]):
+    def __init__(
+        self,
+        models: dict[str, dpb.ModelInfo | BatonError],
+        worker_kinds: set[str],
+        processors: dict[str, ppb.ProcessorInfo] | None = None,
+    ):
         self.models = models
         self.worker_kinds = worker_kinds
+        self.processors = processors or {}
 
     def plan(self, spec: jpb.JobSpec) -> Plan:
         inputs = {i.name: self._input(n, i) for n, i in enumerate(spec.inputs)}
@@ -195,6 +212,9 @@ class Planner:
         if (body.latents_processors or body.output_processors) and "processor" not in self.worker_kinds:
             raise InvalidArgument("no processor service is available to run latents processors", stage=name,
                                   field="denoise.latents_processors")  # fmt: skip
+        for fld in ("latents_processors", "output_processors"):
+            if getattr(body, fld):
+                self._chains(list(getattr(body, fld)), 1, name, f"denoise.{fld}")
         width = body.width or spec.width or model.default_width
         height = body.height or spec.height or model.default_height
         scheduler = body.scheduler or model.default_scheduler
@@ -272,9 +292,24 @@ class Planner:
         body, name = planned.spec.process, planned.name
         if not body.processors:
             raise InvalidArgument("name at least one processor URI", stage=name, field="process.processors")
+        chains = self._chains(list(body.processors), 1 + len(body.more_latents), name, "process.processors")
         incoming = products[body.latents]
-        return Product(LATENTS, incoming.space, incoming.level, incoming.model, incoming.scheduler, incoming.width,
-                       incoming.height)  # fmt: skip
+        product = Product(LATENTS, incoming.space, incoming.level, incoming.model, incoming.scheduler, incoming.width,
+                          incoming.height)  # fmt: skip
+        for call, args in chains[0]:
+            if call.name == "noise":  # the new level depends on the latents' schedule; the denoiser checks it
+                product.level = None
+            elif call.name == "interposer":
+                product.space, product.model = args["target"], args.get("target_model") or ""
+            elif call.name in ("resize", "crop"):
+                product.width = product.height = 0
+        return product
+
+    def _chains(self, items: list[str], inputs: int, stage: str, fld: str):
+        try:
+            return check_chains(items, inputs, self.processors)
+        except InvalidArgument as exc:
+            raise InvalidArgument(exc.detail, stage=stage, field=fld) from exc
 
     def _decode(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
         body, name = planned.spec.decode, planned.name

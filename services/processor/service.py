@@ -1,19 +1,39 @@
-"""The processor service's settings and servicers."""
+"""The processor service: settings, and the engine and servicer built from them."""
 
 from __future__ import annotations
 
-from services.common.api.baton.v1 import processor_pb2, processor_pb2_grpc
-from services.common.config import service_settings
+from services.common.api.baton.v1 import processor_pb2_grpc
+from services.common.config import Setting, service_settings
 from services.common.server import Mount, Service
-from services.common.unimplemented import unimplemented_mount
 
-SETTINGS = service_settings(port=50054, metrics_port=9154, worker=True)
+SETTINGS = service_settings(
+    port=50054,
+    metrics_port=9154,
+    worker=True,
+    extra=(
+        Setting("device", "auto", "default torch device of processors: auto picks cuda when there is one"),
+        Setting("plugins", "", "extra processor modules to import (comma-separated dotted names)"),
+        Setting("interposers", "", "static interposer addresses for the interposer processor, besides the registry"),
+    ),
+)
 
 
 def build(settings, runtime) -> list[Mount]:
-    return [
-        unimplemented_mount(processor_pb2, processor_pb2_grpc, "Processor", "the processor engine lands with issue 7")
-    ]
+    import torch
+
+    from services.common.registry import WorkerRegistry
+    from services.processor.engine import InterposerClient, ProcessorEngine
+    from services.processor.registry import load_builtin, load_plugins
+    from services.processor.servicer import ProcessorServicer
+
+    load_builtin()
+    load_plugins(settings.plugins)
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    static = [a.strip() for a in settings.interposers.split(",") if a.strip()]
+    convert = InterposerClient(WorkerRegistry(runtime.redis), static)
+    servicer = ProcessorServicer(ProcessorEngine(runtime.store, device, convert))
+    runtime.advertise("processor", servicer.worker_info)
+    return [Mount(servicer, processor_pb2_grpc.add_ProcessorServicer_to_server, "baton.v1.Processor")]
 
 
 SERVICE = Service("processor", "Latents processors (noise, scale, interposer, ...) run as chains.", SETTINGS, build)

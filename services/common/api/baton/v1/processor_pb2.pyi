@@ -24,10 +24,12 @@ class ProcessRequest(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[_handles_pb2.LatentHandle, _Mapping]]] = ..., processors: _Optional[_Iterable[str]] = ..., output_key: _Optional[str] = ..., device: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class ProcessResponse(_message.Message):
-    __slots__ = ("latents",)
+    __slots__ = ("latents", "outputs")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     latents: _handles_pb2.LatentHandle
-    def __init__(self, latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[_handles_pb2.LatentHandle]
+    def __init__(self, latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[_handles_pb2.LatentHandle, _Mapping]]] = ...) -> None: ...
 
 class ProcessorArg(_message.Message):
     __slots__ = ("name", "type", "default", "help", "required", "min", "max", "choices")

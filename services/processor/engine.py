@@ -1,0 +1,96 @@
+"""ProcessorEngine: runs processor chains over latent handles. Plain Python over the registry.
+
+Chains map to inputs in order (`+` separates them). The other chains run first, so that a
+multi-input processor (blend) in the first chain can take their results; the first chain's
+result is what a stage hands on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from services.common.api.baton.v1 import handles_pb2 as pb
+from services.common.api.baton.v1 import interposer_pb2 as ipb
+from services.common.api.baton.v1 import interposer_pb2_grpc
+from services.common.api.baton.v1 import processor_pb2 as ppb
+from services.common.blobs import BlobStore
+from services.common.errors import BatonError, FailedPrecondition, InvalidArgument, Unavailable
+from services.common.processor_uri import check_chains
+from services.common.registry import WorkerRegistry
+from services.processor.registry import REGISTRY, Context, Latents
+
+METHODS = {"net": ipb.CONVERSION_METHOD_NET, "vae": ipb.CONVERSION_METHOD_VAE, "auto": ipb.CONVERSION_METHOD_AUTO}
+
+
+class InterposerClient:
+    """Calls Convert on an interposer worker from the registry (or a static address)."""
+
+    def __init__(self, registry: WorkerRegistry, static: list[str]):
+        self.registry = registry
+        self.static = static
+
+    def __call__(self, handle: pb.LatentHandle, target: str, method: str, source_model: str, target_model: str):
+        addresses = [w.address for w in self.registry.workers("interposer") if w.accepting] or self.static
+        if not addresses:
+            raise Unavailable("no interposer worker is available for the interposer processor")
+        request = ipb.ConvertRequest(latents=handle, target=target, method=METHODS[method], source_model=source_model,
+                                     target_model=target_model)  # fmt: skip
+        with grpc.insecure_channel(addresses[0]) as channel:
+            try:
+                return interposer_pb2_grpc.InterposerStub(channel).Convert(request, timeout=600).latents
+            except grpc.RpcError as exc:
+                raise FailedPrecondition(f"the interposer refused: {exc.details()}") from exc
+
+
+class ProcessorEngine:
+    def __init__(self, store: BlobStore, device: str, convert: Callable | None = None):
+        self.store = store
+        self.device = device
+        self.convert = convert
+
+    @torch.no_grad()
+    def process(self, req: ppb.ProcessRequest) -> ppb.ProcessResponse:
+        if not req.inputs:
+            raise InvalidArgument("at least one input is required", field="inputs")
+        try:
+            chains = check_chains(req.processors, len(req.inputs), {n: d.info() for n, d in REGISTRY.items()})
+        except BatonError as exc:
+            raise exc.at(field="processors") from exc
+        inputs = []
+        for n, handle in enumerate(req.inputs):
+            try:
+                tensor = self.store.get_tensor(handle.blob)
+            except BatonError as exc:
+                raise exc.at(field=f"inputs[{n}]") from exc
+            inputs.append(Latents(tensor, handle))
+        results: list[Latents | None] = [None] * len(inputs)
+        for i in [*range(1, len(inputs)), 0]:
+            x = inputs[i]
+            for call, kwargs in chains[i]:
+                definition = REGISTRY[call.name]
+                device = kwargs.pop("device") or self.device
+                ctx = Context(device, kwargs.pop("model_offload"), self.convert, self.store)
+                others = [r for j, r in enumerate(results) if j != i and r is not None][: definition.inputs - 1]
+                if len(others) < definition.inputs - 1:
+                    raise InvalidArgument(
+                        f"{call.name} mixes {definition.inputs} inputs: put it in the first chain and give the stage "
+                        "more latents, one '+'-separated chain each",
+                        field="processors",
+                    )
+                try:
+                    x = definition.fn(ctx, x, *others, **kwargs)
+                except BatonError as exc:
+                    raise exc.at(field="processors") from exc
+            results[i] = x
+        outputs = []
+        for i, result in enumerate(results):
+            assert result is not None
+            name = (req.output_key if i == 0 else f"{req.output_key}/{i}") if req.output_key else None
+            handle = pb.LatentHandle()
+            handle.CopyFrom(result.handle)
+            handle.blob.CopyFrom(self.store.put_tensor(result.tensor.cpu().contiguous(), name=name))
+            outputs.append(handle)
+        return ppb.ProcessResponse(latents=outputs[0], outputs=outputs)

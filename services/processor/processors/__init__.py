@@ -1,0 +1,1 @@
+"""Built-in latents processors, one per module; each registers itself on import."""
