@@ -137,3 +137,13 @@ def test_a_killed_up_leaves_no_process_behind(fresh):
     process.kill()
     process.wait()
     assert wait_gone(pids) == []
+
+
+def test_baton_health_exits_zero_only_for_a_serving_service(cluster):
+    _, info = cluster
+    ok = subprocess.run([sys.executable, "-m", "services.cli.main", "health", info["gateway"]["address"]],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    down = subprocess.run([sys.executable, "-m", "services.cli.main", "health", "127.0.0.1:1", "--timeout", "0.5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert down.returncode == 1 and "UNREACHABLE" in down.stdout

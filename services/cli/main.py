@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Verb modules; each defines register(subparsers) and sets `func` on its parser.
-VERBS = ("run", "submit", "watch", "get", "cancel", "ls", "up", "serve", "interposer", "dev")
+VERBS = ("run", "submit", "watch", "get", "cancel", "ls", "up", "serve", "health", "interposer", "dev")
 
 
 def build_parser() -> argparse.ArgumentParser:
