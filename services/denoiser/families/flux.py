@@ -21,17 +21,15 @@ from services.denoiser.families.base import (
     IMG2IMG,
     INPAINT,
     TXT2IMG,
-    Family,
     StepHooks,
     WindowJob,
     WindowResult,
 )
-from services.denoiser.window import flow_strength_begin
+from services.denoiser.families.flow import FlowFamily
 
 
-class Flux(Family):
+class Flux(FlowFamily):
     name = "flux"
-    denoiser_subfolder = "transformer"
     pipeline_class = FluxPipeline
     pipeline_classes = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline}
     pipeline_names = ("FluxPipeline", "FluxImg2ImgPipeline")
@@ -45,15 +43,6 @@ class Flux(Family):
 
     def default_guidance(self, mode: str) -> float:
         return 7.0 if mode == IMG2IMG else 3.5  # FluxImg2ImgPipeline's default differs from FluxPipeline's
-
-    def default_strength(self, mode: str) -> float:
-        return 0.6
-
-    def size_multiple(self, vae_scale_factor: int) -> int:
-        return vae_scale_factor * 2  # latents are packed in 2x2 patches
-
-    def strength_begin(self, steps: int, strength: float, order: int) -> int:
-        return flow_strength_begin(steps, strength, order)
 
     def mu(self, pipe: Any, job: WindowJob) -> float:
         """The resolution-dependent shift, or the producer's when continuing its schedule."""
@@ -116,8 +105,3 @@ class Flux(Family):
             hooks.after(i, len(window), float(t), pipe._unpack_latents(latents, job.height, job.width, vsf))
         unpacked = pipe._unpack_latents(latents, job.height, job.width, vsf)
         return WindowResult(unpacked, scheduler, timesteps, begin, stop, mu=mu)
-
-    def img2img_input(self, model: Any, pipe: Any, job: WindowJob) -> torch.Tensor:
-        if job.image is not None:
-            return pipe.image_processor.preprocess(job.image, height=job.height, width=job.width)
-        return super().img2img_input(model, pipe, job)

@@ -16,17 +16,15 @@ from services.denoiser.families.base import (
     IMG2IMG,
     INPAINT,
     TXT2IMG,
-    Family,
     StepHooks,
     WindowJob,
     WindowResult,
 )
-from services.denoiser.window import flow_strength_begin
+from services.denoiser.families.flow import FlowFamily
 
 
-class SD3(Family):
+class SD3(FlowFamily):
     name = "sd3"
-    denoiser_subfolder = "transformer"
     pipeline_class = StableDiffusion3Pipeline
     pipeline_classes = {"txt2img": StableDiffusion3Pipeline, "img2img": StableDiffusion3Img2ImgPipeline}
     pipeline_names = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
@@ -36,15 +34,6 @@ class SD3(Family):
 
     def default_guidance(self, mode: str) -> float:
         return 7.0
-
-    def default_strength(self, mode: str) -> float:
-        return 0.6
-
-    def size_multiple(self, vae_scale_factor: int) -> int:
-        return vae_scale_factor * 2  # the transformer's 2x2 patches
-
-    def strength_begin(self, steps: int, strength: float, order: int) -> int:
-        return flow_strength_begin(steps, strength, order)
 
     def schedule_kwargs(self, pipe: Any, job: WindowJob) -> dict:
         """set_timesteps arguments: the producer's mu, else the pipeline's own (dynamic shifting only)."""
@@ -107,8 +96,3 @@ class SD3(Family):
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
             hooks.after(i, len(window), float(t), latents)
         return WindowResult(latents, scheduler, timesteps, begin, stop, mu=kwargs.get("mu"))
-
-    def img2img_input(self, model: Any, pipe: Any, job: WindowJob) -> torch.Tensor:
-        if job.image is not None:  # the flow-matching pipelines resize to the requested size
-            return pipe.image_processor.preprocess(job.image, height=job.height, width=job.width)
-        return super().img2img_input(model, pipe, job)
