@@ -260,14 +260,10 @@ class Orchestrator:
                                      preview_png=step.preview_png)  # fmt: skip
             await self.jobs.append(job.id, jpb.JobEvent(progress=event))
 
-        processors = None
-        if call.stage.kind == "denoise" and (
-            call.stage.spec.denoise.latents_processors or call.stage.spec.denoise.output_processors
-        ):
-            processors = self.pool.channel((await self.pool.pick("processor")).address)
+        body = call.stage.spec.denoise
+        if call.stage.kind == "denoise" and (body.latents_processors or body.output_processors):
+            call.processors = self.pool.channel((await self.pool.pick("processor")).address)
         runner = RUNNERS[call.stage.kind]
-        if processors is not None:
-            return await runner(self.pool.channel(address), call, progress, processors)  # type: ignore[call-arg]
         return await runner(self.pool.channel(address), call, progress)
 
     def _call(self, job, plan: Plan, name: str, status, deadline: float) -> StageCall:

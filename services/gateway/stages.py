@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import (
@@ -31,6 +32,8 @@ class StageCall:
     image: pb.BlobHandle | None
     mask: pb.BlobHandle | None
     timeout: float
+    # A processor worker's channel, for a denoise stage's latents/output processors.
+    processors: Any = None
 
     @property
     def output_key(self) -> str:
@@ -52,7 +55,7 @@ async def process(channel, call: StageCall, inputs: list[pb.LatentHandle], proce
     return (await stub.Process(request, timeout=call.timeout)).latents
 
 
-async def run_denoise(channel, call: StageCall, progress: Progress, processor_channel=None) -> StageResult:
+async def run_denoise(channel, call: StageCall, progress: Progress) -> StageResult:
     body = call.stage.spec.denoise
     request = dpb.DenoiseRequest(
         model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt, prompt_2=body.prompt_2,
@@ -71,9 +74,7 @@ async def run_denoise(channel, call: StageCall, progress: Progress, processor_ch
     if call.latents:
         latents = call.latents[0]
         if body.latents_processors:
-            latents = await process(
-                processor_channel, call, [latents], body.latents_processors, f"{call.output_key}/pre"
-            )
+            latents = await process(call.processors, call, [latents], body.latents_processors, f"{call.output_key}/pre")
         request.latents.CopyFrom(latents)
     else:
         request.width = body.width or call.spec.width
@@ -91,7 +92,7 @@ async def run_denoise(channel, call: StageCall, progress: Progress, processor_ch
     if result is None:
         raise RuntimeError("the denoiser ended the stream without a result")
     if body.output_processors:
-        result = await process(processor_channel, call, [result], body.output_processors, f"{call.output_key}/post")
+        result = await process(call.processors, call, [result], body.output_processors, f"{call.output_key}/post")
     return StageResult(latents=result)
 
 
