@@ -10,7 +10,7 @@ import redis
 import torch
 from redis.cluster import RedisCluster
 
-from services.common.blobs import BlobStore
+from services.common.blobs import BlobStore, digest
 from services.common.errors import BlobCorrupt, BlobNotFound
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -198,3 +198,114 @@ def test_a_full_redis_is_resource_exhausted(tmp_path):
             store.put_tensor(torch.randn(4 << 20), name="named")
         assert client.dbsize() == 0, "a refused named write publishes no manifest"
         store.put_tensor(torch.randn(1000), name="named")  # Redis and the store still work
+
+
+def chunk_keys(handle) -> list[str]:
+    return [f"{handle.key}:{handle.generation}:{i}" for i in range(-(-handle.byte_size // handle.chunk_bytes))]
+
+
+def ms_from_now(seconds: float) -> int:
+    return time.time_ns() // 1_000_000 + int(seconds * 1000)
+
+
+def assert_pttl_near(redis_client, key: str, expires_ms: int) -> None:
+    remaining = expires_ms - time.time_ns() // 1_000_000
+    assert abs(redis_client.pttl(key) - remaining) < 1000, key
+
+
+def test_keep_until_on_a_named_blob_rewrites_its_manifest_with_the_new_expiry(store, redis_client):
+    handle = store.put_tensor(torch.randn(3 << 18), name="kept")
+    expires_ms = ms_from_now(7200)
+    kept = store.keep_until(handle, expires_ms)
+    assert kept.expires_at.ToMilliseconds() == expires_ms
+    latest = store.resolve("kept")
+    assert latest.expires_at.ToMilliseconds() == expires_ms
+    assert latest.generation == handle.generation and latest.digest == handle.digest
+    for key in [handle.key, *chunk_keys(handle)]:
+        assert_pttl_near(redis_client, key, expires_ms)
+
+
+def test_keep_until_with_an_overwritten_generation_leaves_the_new_manifest_alone(store, redis_client):
+    first = store.put_tensor(torch.zeros(3 << 18), name="kept-old")
+    second = store.put_tensor(torch.ones(3 << 18), name="kept-old")
+    expires_ms = ms_from_now(7200)
+    store.keep_until(first, expires_ms)
+    latest = store.resolve("kept-old")
+    assert latest.generation == second.generation
+    assert latest.expires_at == second.expires_at
+    assert_pttl_near(redis_client, second.key, second.expires_at.ToMilliseconds())
+    for key in chunk_keys(first):
+        assert_pttl_near(redis_client, key, expires_ms)
+    for key in chunk_keys(second):
+        assert_pttl_near(redis_client, key, second.expires_at.ToMilliseconds())
+
+
+def test_a_kept_blob_still_reads_back_with_its_digest(store):
+    data = bytes(range(256)) * 9000
+    handle = store.put_bytes(data, name="kept-bytes")
+    kept = store.keep_until(handle, ms_from_now(7200))
+    assert kept.digest == handle.digest == digest(data)
+    assert bytes(store.get_bytes(kept)) == data
+    assert bytes(store.get_bytes("kept-bytes")) == data
+    old = store.put_bytes(b"old", name="kept-bytes-2")
+    store.put_bytes(b"new", name="kept-bytes-2")
+    assert bytes(store.get_bytes(store.keep_until(old, ms_from_now(7200)))) == b"old"
+
+
+def test_keep_until_racing_rewrites_never_touches_a_newer_generation(redis_client):
+    """A keeper extends each handle a writer hands it while the writer goes on rewriting the
+    name; whenever both pause, the manifest names the last write, and its TTL is its stated one."""
+    store = BlobStore(redis_client, chunk_bytes=64 << 10, ttl_s=60)
+    name = f"kept-contended-{time.time_ns()}"
+    writing, keeping = threading.Lock(), threading.Lock()
+    last: list = [store.put_tensor(torch.zeros(100_000), name=name)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write():
+        while not stop.is_set():
+            with writing:
+                last.append(store.put_tensor(torch.full((100_000,), float(len(last))), name=name))
+            time.sleep(0.001)  # let the checker in: Lock is not fair
+
+    def keep():
+        while not stop.is_set():
+            with keeping:
+                try:
+                    store.keep_until(last[-1], ms_from_now(3600))
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=write), threading.Thread(target=keep)]
+    for th in threads:
+        th.start()
+    try:
+        for _ in range(40):
+            time.sleep(0.03)
+            with writing, keeping:
+                latest = store.resolve(name)
+                assert latest.generation == last[-1].generation
+                assert_pttl_near(redis_client, latest.key, latest.expires_at.ToMilliseconds())
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert not errors, errors[0]
+    assert len(last) > 10, "the writer should have rewritten the name many times"
+
+
+def test_keep_until_works_on_a_full_redis(tmp_path):
+    from tests.redis_fixtures import redis_server
+
+    with redis_server(tmp_path) as url:
+        client = redis.Redis.from_url(url)
+        store = BlobStore(client, chunk_bytes=1 << 20)
+        handle = store.put_tensor(torch.randn(1000), name="retained")
+        client.config_set("maxmemory", 1)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.set("probe", b"x")  # Redis refuses writes now
+        expires_ms = ms_from_now(7200)
+        store.keep_until(handle, expires_ms)
+        assert store.resolve("retained").expires_at.ToMilliseconds() == expires_ms

@@ -36,6 +36,28 @@ OCTET = "application/octet-stream"
 DIGEST_PREFIX = "xxh3-128:"
 # How long the chunks of an overwritten generation stay readable for readers already holding it.
 OVERWRITE_GRACE_S = 60.0
+# How often keep_until rereads a manifest that changed between its read and its write.
+KEEP_ATTEMPTS = 8
+
+# keep_until in one step: KEYS = manifest, chunks...; ARGV = expiry (ms), the manifest as read,
+# the manifest to write. The chunks always get the expiry; the manifest is replaced only if it
+# still holds exactly the bytes read (so a new generation put in between is left alone), and
+# only when the caller read one naming its generation (ARGV[2] non-empty). allow-oom: a full
+# Redis must still let retention be set, as plain PEXPIREATs did; the new manifest is about the
+# size of the old one.
+_KEEP_UNTIL_LUA = """#!lua flags=allow-oom
+for i = 2, #KEYS do
+  redis.call('PEXPIREAT', KEYS[i], ARGV[1])
+end
+if ARGV[2] == '' then
+  return 1
+end
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[1])
+return 1
+"""
 
 
 def digest(data: bytes | bytearray | memoryview) -> str:
@@ -70,6 +92,7 @@ class BlobStore:
         self.prefix = prefix
         self.chunk_bytes = chunk_bytes
         self.ttl_s = ttl_s
+        self._keep_until = client.register_script(_KEEP_UNTIL_LUA)
 
     # -- keys ------------------------------------------------------------------------------
     def key_for(self, name: str) -> str:
@@ -228,16 +251,24 @@ class BlobStore:
             self.redis.unlink(*keys)
 
     def keep_until(self, handle: pb.BlobHandle, expires_ms: int) -> pb.BlobHandle:
-        """Sets the blob's expiry (e.g. to its job's retention); returns the handle saying so."""
-        keys = self._chunk_keys(handle)
+        """Sets the blob's expiry (e.g. to its job's retention); returns the handle saying so.
+        The manifest states the new expiry too, if it still names this generation."""
+        if expires_ms <= 0:
+            raise InvalidArgument(f"blob {handle.key}: expiry must be a positive Unix time in ms, got {expires_ms}")
+        keys = [handle.key, *self._chunk_keys(handle)]
         with _redis_errors(handle.key):
-            latest = cast(bytes | None, self.redis.get(handle.key))
-            if latest is not None and _parse_manifest(handle.key, latest).generation == handle.generation:
-                keys.append(handle.key)
-            pipe = self.redis.pipeline(transaction=False)
-            for key in keys:
-                pipe.pexpireat(key, expires_ms)
-            pipe.execute()
+            for _ in range(KEEP_ATTEMPTS):
+                raw = cast(bytes | None, self.redis.get(handle.key))
+                seen, kept = b"", b""  # no manifest, or another generation's: the chunks only
+                if raw is not None:
+                    manifest = _parse_manifest(handle.key, raw)
+                    if manifest.generation == handle.generation:
+                        manifest.expires_at.FromMilliseconds(expires_ms)
+                        seen, kept = raw, manifest.SerializeToString()
+                if self._keep_until(keys=keys, args=[expires_ms, seen, kept]):
+                    break
+            else:
+                raise Unavailable(f"blob {handle.key}: its manifest kept changing while its expiry was set")
         out = pb.BlobHandle()
         out.CopyFrom(handle)
         out.expires_at.FromMilliseconds(expires_ms)
