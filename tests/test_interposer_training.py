@@ -1,4 +1,5 @@
-"""Training an interposer between the VAEs of two tiny pipelines: loss, output layout, exact resume, CLI."""
+"""Training an interposer between the VAEs of two tiny pipelines: loss, output layout, exact resume, resume
+refused under another setup, CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from services.common.errors import FailedPrecondition
 from services.devkit.tiny_models import build
 from services.interposer.net import load_interposer
 from services.interposer.training import checkpoint_path, main, train
@@ -68,6 +70,49 @@ def test_resume_continues_from_the_checkpoint_exactly(setup, trained):
     assert (second.start_step, second.steps, len(second.losses)) == (30, 50, 20)
     # The same seed uninterrupted: nets, optimizer and both random streams come back from the checkpoint.
     torch.testing.assert_close(first.losses + second.losses, trained.losses, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_accepts_the_same_vae_by_another_path(setup):
+    out = setup["root"] / "same-vae.safetensors"
+    common = dict(batch=BATCH, size=SIZE, checkpoint_every=2, progress=False)
+    train(setup["sd1"], setup["sdxl_vae"], setup["images"], 2, out, **common)
+    # The pipeline folder and its vae/ subfolder are one VAE: the checkpoint knows it by content, not by path.
+    again = train(setup["sd1"] / "vae", setup["sdxl_vae"], setup["images"], 4, out, **common)
+    assert (again.start_step, again.steps) == (2, 4)
+
+
+def test_resume_refuses_a_checkpoint_of_another_target_vae_and_lr(setup):
+    out = setup["root"] / "other-setup.safetensors"
+    common = dict(batch=BATCH, size=SIZE, checkpoint_every=2, progress=False)
+    train(setup["sd1"], setup["sdxl_vae"], setup["images"], 2, out, **common)
+    with pytest.raises(FailedPrecondition) as refused:
+        train(setup["sd1"], setup["sd1"], setup["images"], 4, out, lr=1e-3, **common)
+    message = str(refused.value)
+    assert f"--target-vae: checkpoint {setup['sdxl_vae']} (" in message and f"now {setup['sd1']} (" in message
+    assert "--lr: checkpoint 0.0005, now 0.001" in message
+    assert "--images" not in message and "--source-vae" not in message and "--no-resume" in message
+
+
+def test_cli_refuses_to_resume_with_other_images_until_told_not_to(setup, capsys):
+    other = setup["root"] / "fewer-images"
+    other.mkdir()
+    for path in sorted(setup["images"].iterdir())[:5]:
+        (other / path.name).write_bytes(path.read_bytes())
+    out = setup["root"] / "other-images.safetensors"
+    argv = ["--source-vae", str(setup["sd1"]), "--target-vae", str(setup["sdxl_vae"]), "--out", str(out)]
+    argv += ["--batch", "2", "--size", str(SIZE), "--checkpoint-every", "1"]
+    assert main([*argv, "--images", str(setup["images"]), "--steps", "1"]) == 0
+    capsys.readouterr()
+
+    assert main([*argv, "--images", str(other), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--images: checkpoint {setup['images']} (8 images, sha256 " in err
+    assert f"now {other} (5 images, sha256 " in err and "--no-resume" in err
+
+    assert main([*argv, "--images", str(other), "--steps", "2", "--no-resume"]) == 0
+    assert "after 2 steps" in capsys.readouterr().out
+    # The fresh run's checkpoint is the new folder's: resuming it goes on without --no-resume.
+    assert main([*argv, "--images", str(other), "--steps", "3"]) == 0
 
 
 def test_cli_trains_end_to_end(setup, capsys):

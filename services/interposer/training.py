@@ -3,12 +3,14 @@
 The v4 recipe (shared/reference/latent_spaces.md): images encoded by both VAEs to raw latents, a forward net
 (source -> target) and a reverse net trained together with L1 losses (forward, round trip, reverse), AdamW
 lr 5e-4 betas (0.5, 0.95). The output file holds the forward net in the published layout, so the service
-loads it like a published one. Checkpoints are safetensors too (no pickle), and resuming is exact.
+loads it like a published one. Checkpoints are safetensors too (no pickle), and resuming is exact: a
+checkpoint records the setup it was trained with, and resuming under another one is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -21,7 +23,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from services.common.errors import BatonError, InvalidArgument, NotFound
+from services.common.errors import BatonError, FailedPrecondition, InvalidArgument, NotFound
 from services.interposer.net import InterposerNet, load_state_dict_strict
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -76,6 +78,57 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def vae_fingerprint(vae) -> str:
+    """Latent channels and a digest of config and weights: names the VAE itself, not the folder it came from."""
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}  # not _name_or_path and the like
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in vae.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f"{vae.config.latent_channels} latent channels, sha256 {digest.hexdigest()[:16]}"
+
+
+def image_set_fingerprint(files: list[Path]) -> str:
+    """Count and a digest of names and sizes (cheap where contents are not): adding, removing or renaming an image,
+    or rewriting it to another size, changes it."""
+    digest = hashlib.sha256()
+    for path in files:  # sorted: their order is the latents' order, which minibatches index
+        digest.update(f"{path.name}\0{path.stat().st_size}\n".encode())
+    return f"{len(files)} images, sha256 {digest.hexdigest()[:16]}"
+
+
+# A run's setup: each setting a training run depends on, by its flag, as (identity, as given). Resuming needs
+# every identity equal; the given form (a folder path, say) only helps a message say which run was which.
+RunSetup = dict[str, tuple[str, str]]
+
+
+def _check_setup(ckpt: Path, setup: RunSetup) -> None:
+    """Refuses to resume from a checkpoint trained under another setup, naming each setting that differs."""
+    from safetensors import safe_open
+
+    with safe_open(ckpt, "pt") as f:
+        recorded = (f.metadata() or {}).get("setup")
+    advice = "start over with --no-resume, or pass another --out"
+    if recorded is None:
+        raise FailedPrecondition(f"checkpoint {ckpt} records no training setup to resume under; {advice}")
+    then: RunSetup = {name: (identity, given) for name, (identity, given) in json.loads(recorded).items()}
+    missing = ("(none)", "(none)")
+    differing = [
+        f"{name}: checkpoint {_shown(then.get(name, missing))}, now {_shown(setup.get(name, missing))}"
+        for name in sorted(then.keys() | setup.keys())
+        if then.get(name, missing)[0] != setup.get(name, missing)[0]
+    ]
+    if differing:
+        raise FailedPrecondition(
+            f"checkpoint {ckpt} was trained under another setup ({'; '.join(differing)}); {advice}"
+        )
+
+
+def _shown(setting: tuple[str, str]) -> str:
+    identity, given = setting
+    return identity if identity == given else f"{given} ({identity})"
+
+
 @torch.no_grad()
 def encode_images(vaes: list, files: list[Path], size: int, device: str, progress: bool) -> list[torch.Tensor]:
     """Raw latents (latent_dist.mode(), no scale or shift) of every image by each VAE: the interposer's space.
@@ -91,7 +144,9 @@ def encode_images(vaes: list, files: list[Path], size: int, device: str, progres
     return [torch.cat(chunks) for chunks in latents]
 
 
-def _save_checkpoint(path: Path, fwd: InterposerNet, rev: InterposerNet, opt, step: int, loss: float, gen) -> None:
+def _save_checkpoint(
+    path: Path, fwd: InterposerNet, rev: InterposerNet, opt, step: int, loss: float, gen, setup: RunSetup
+) -> None:
     tensors = {f"fwd.{k}": v for k, v in fwd.state_dict().items()}
     tensors |= {f"rev.{k}": v for k, v in rev.state_dict().items()}
     # AdamW's per-parameter state under "optim.<param index>.<name>"; its hyper-parameters are the call's.
@@ -104,7 +159,8 @@ def _save_checkpoint(path: Path, fwd: InterposerNet, rev: InterposerNet, opt, st
     if device.type == "cuda":  # dropout draws from the device's generator
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, {"loss": json.dumps(loss)})
+    meta = {"loss": json.dumps(loss), "setup": json.dumps(setup)}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, meta)
     tmp.replace(path)
 
 
@@ -176,17 +232,31 @@ def train(
     multiple = max(vae_downscale(v) for v in vaes)
     if size % multiple:
         raise InvalidArgument(f"size {size} must be a multiple of {multiple}, the VAEs' downscale", field="size")
-    src, dst = encode_images(vaes, image_files(Path(images)), size, device, progress)
+    files = image_files(Path(images))
+    # Checked before encoding, which is the slow part of a start: a refusal comes at once.
+    setup: RunSetup = {
+        "--source-vae": (vae_fingerprint(vaes[0]), str(source_vae)),
+        "--target-vae": (vae_fingerprint(vaes[1]), str(target_vae)),
+        "--images": (image_set_fingerprint(files), str(images)),
+        "--size": (str(size), str(size)),
+        "--batch": (str(batch), str(batch)),
+        "--lr": (repr(float(lr)), repr(float(lr))),
+        "--seed": (str(seed), str(seed)),
+    }
+    ckpt = checkpoint_path(out)
+    resuming = resume and ckpt.is_file()
+    if resuming:
+        _check_setup(ckpt, setup)
+    src, dst = encode_images(vaes, files, size, device, progress)
     del vaes
     out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint_path(out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fwd, rev = _trainee(src, dst, device), _trainee(dst, src, device)
         opt = torch.optim.AdamW([*fwd.parameters(), *rev.parameters()], lr=lr, betas=BETAS)
         gen = torch.Generator().manual_seed(seed)
         start, loss_value = 0, float("nan")
-        if resume and ckpt.is_file():
+        if resuming:
             start, loss_value = _load_checkpoint(ckpt, fwd, rev, opt, gen)
         losses: list[float] = []
         bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc="interposer", unit="step")
@@ -202,7 +272,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % checkpoint_every == 0 or step == steps:
-                _save_checkpoint(ckpt, fwd, rev, opt, step, loss_value, gen)
+                _save_checkpoint(ckpt, fwd, rev, opt, step, loss_value, gen, setup)
         bar.close()
     done = max(start, steps)
     meta = {
