@@ -101,14 +101,15 @@ def wait_for_progress(client: BatonClient, job_id: str, steps: int = 1) -> list[
 
 @torch.no_grad()
 def sd1_window_reference(path: str, prompt: str, negative: str, steps: int, guidance: float, seed: int,
-                         start: float, end: float, latents: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+                         start: float, end: float, latents: torch.Tensor | None,
+                         batch: int = 1) -> torch.Tensor:  # fmt: skip
     """One window of an SD 1.x schedule by hand from diffusers' components (reference/hand_loop.md),
     written here independently of Baton's engine."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils.torch_utils import randn_tensor
 
     pipe = StableDiffusionPipeline.from_pretrained(path)
-    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, negative)
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", batch, True, negative)
     embeds = torch.cat([uncond, cond])
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps)
@@ -119,7 +120,7 @@ def sd1_window_reference(path: str, prompt: str, negative: str, steps: int, guid
     if latents is None:
         vsf = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         side = pipe.unet.config.sample_size
-        shape = (1, pipe.unet.config.in_channels, side, side)
+        shape = (batch, pipe.unet.config.in_channels, side, side)
         assert side * vsf == 64
         latents = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed)) * scheduler.init_noise_sigma
     for t in ts[begin:stop]:

@@ -18,6 +18,7 @@ from diffusers import (
 )
 
 from services.common.api.baton.v1 import handles_pb2 as pb
+from services.common.errors import InvalidArgument
 from services.denoiser.schedulers import make_scheduler
 from tests.denoise_kit import (
     NEGATIVE,
@@ -86,6 +87,24 @@ def test_full_run_equals_the_text_to_image_pipeline(models, engine, store, famil
     assert torch.equal(ours, theirs)
     assert handle.noise.fraction == 1.0 and handle.space == family and handle.seed == 42
     assert (handle.width, handle.height) == (64, 64)
+
+
+@pytest.mark.parametrize("family,cls", [("sd1", StableDiffusionPipeline), ("sdxl", StableDiffusionXLPipeline)])
+def test_a_batch_equals_the_pipeline_with_num_images_per_prompt_and_splits_exactly(models, engine, store, family, cls):
+    ours, _ = run(engine, store, models[family], num_images=2, width=64, height=64)
+    pipe = pipeline(cls, models[family])
+    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, generator=generator(),
+                  output_type="latent", width=64, height=64, num_images_per_prompt=2).images  # fmt: skip
+    assert ours.shape[0] == 2 and not torch.equal(ours[0], ours[1])
+    assert torch.equal(ours, theirs)
+    assert torch.equal(chain(engine, store, models[family], [0.6], num_images=2, width=64, height=64), ours)
+
+
+def test_continued_latents_keep_their_batch_size(models, engine, store):
+    first = engine.denoise(request(models["sd1"], steps=STEPS, num_images=2, denoising_end=0.5))
+    with pytest.raises(InvalidArgument, match="batch of 2") as info:
+        engine.denoise(request(models["sd1"], steps=STEPS, num_images=3, latents=first))
+    assert info.value.field == "num_images"
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,17 @@ def test_full_run_equals_the_diffusers_pipeline(flow_models, engine, single_stor
     assert handle.space == family and handle.noise.fraction == 1.0
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_batch_equals_the_pipeline_with_num_images_per_prompt_and_splits_exactly(flow_models, engine, single_store,
+                                                                                   family):  # fmt: skip
+    handle = engine.denoise(request(flow_models[family], steps=STEPS, width=64, height=64, num_images=2))
+    ours = single_store.get_tensor(handle.blob)
+    assert list(ours.shape) == [2, 16, 32, 32] and not torch.equal(ours[0], ours[1])
+    assert torch.equal(ours, reference(family, flow_models[family], 64, num_images_per_prompt=2))
+    split, _ = chain(engine, single_store, flow_models[family], [0.6], width=64, height=64, num_images=2)
+    assert torch.equal(split, ours)
+
+
 @pytest.mark.parametrize(
     "family,side,cuts",
     [("sd3", 64, [0.6]), ("sd3", 64, [0.3, 0.7]), ("flux", 64, [0.6]), ("flux", 96, [0.6]), ("flux", 64, [0.3, 0.7])],
@@ -121,9 +132,11 @@ def test_img2img_equals_the_img2img_pipeline(flow_models, engine, single_store, 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_encode_and_decode_use_the_vae_shift_and_scale(flow_models, engine, single_store, family):
     from services.common.api.baton.v1 import denoiser_pb2
+    from services.denoiser.codec import VaeCodec
 
+    codec = VaeCodec(single_store, engine.cache)
     image = single_store.put_bytes(png(sample_image()), media_type="image/png")
-    latents = engine.encode(denoiser_pb2.EncodeRequest(model=flow_models[family], image=image))
+    latents = codec.encode(denoiser_pb2.EncodeRequest(model=flow_models[family], image=image))
     tensor = single_store.get_tensor(latents.blob)
     assert list(tensor.shape) == [1, 16, 32, 32] and latents.space == family
     with engine.cache.use(flow_models[family]) as model:
@@ -131,5 +144,5 @@ def test_encode_and_decode_use_the_vae_shift_and_scale(flow_models, engine, sing
         raw = vae.encode(model.pipe.image_processor.preprocess(sample_image())).latent_dist.mode()
     expected = (raw - vae.config.shift_factor) * vae.config.scaling_factor
     torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
-    decoded = engine.decode(denoiser_pb2.DecodeRequest(model=flow_models[family], latents=latents))
+    decoded = codec.decode(denoiser_pb2.DecodeRequest(model=flow_models[family], latents=latents))
     assert (decoded.width, decoded.height) == (64, 64)

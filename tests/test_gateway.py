@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from google.protobuf import json_format
+from PIL import Image
 
 from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.job_files import load_spec, read_latents_file
@@ -77,6 +79,36 @@ def test_sd1_demo_spec_equals_the_in_process_reference(cluster, models, tmp_path
     assert finish_meta.noise.fraction == 1.0 and finish_meta.model == "sd1-b"
 
 
+def test_a_batch_runs_through_two_models_and_decodes_to_one_file_per_image(cluster, models, tmp_path):
+    spec = tmp_path / "batch.yaml"
+    spec.write_text(
+        """
+name: batch
+seed: 7
+stages:
+  - name: draft
+    denoise: {model: sd1-a, prompt: a lighthouse, negative_prompt: blurry, steps: 10, denoising_end: 0.6, num_images: 2}
+  - name: finish
+    denoise: {model: sd1-b, prompt: a lighthouse, negative_prompt: blurry, steps: 10, latents: draft}
+  - name: picture
+    decode: {latents: finish}
+outputs:
+  - {stage: finish, format: safetensors}
+  - {stage: picture, format: png}
+"""
+    )
+    out = tmp_path / "out"
+    result = baton_run(spec, out, cluster.gateway.address)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["finish.safetensors", "picture-0.png", "picture-1.png"]
+    draft = sd1_window_reference(models["sd1-a"], "a lighthouse", "blurry", 10, 7.5, 7, 0.0, 0.6, None, batch=2)
+    finish = sd1_window_reference(models["sd1-b"], "a lighthouse", "blurry", 10, 7.5, 7, 0.6, 1.0, draft, batch=2)
+    ours, _ = read_latents_file(out / "finish.safetensors")
+    torch.testing.assert_close(ours, finish, rtol=0, atol=1e-5)  # across processes, as above
+    first, second = (np.asarray(Image.open(out / f"picture-{i}.png")) for i in range(2))
+    assert first.shape == (64, 64, 3) and not np.array_equal(first, second)
+
+
 def test_sdxl_demo_spec_equals_diffusers_base_and_second_pair(cluster, models, tmp_path):
     result = baton_run(REPO / "examples" / "sdxl-base-second.yaml", tmp_path, cluster.gateway.address)
     assert result.returncode == 0, result.stderr
@@ -137,6 +169,11 @@ INVALID = [
     ("steps", bad([den("a", steps=0)]), "stage 'a'", "denoise.steps"),
     ("output format", bad([den("a")], [{"stage": "a", "format": "png"}]), "stage 'a'", "outputs[0].format"),
     ("start without latents", bad([den("a", denoising_start=0.4)]), "stage 'a'", "denoise.latents"),
+    ("num_images", bad([den("a", num_images=-1)]), "stage 'a'", "denoise.num_images"),
+    ("batch size changes", bad([den("a", num_images=2, denoising_end=0.6),
+                                den("b", "sd1-b", latents="a", num_images=3)]), "stage 'b'", "denoise.num_images"),
+    ("img2img from a batch", bad([den("a", num_images=2), {"name": "d", "decode": {"latents": "a"}},
+                                  den("b", image="d")]), "stage 'b'", "denoise.image"),
 ]  # fmt: skip
 
 

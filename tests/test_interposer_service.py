@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from services.common.api.baton.v1 import handles_pb2 as pb
@@ -112,12 +113,24 @@ def test_nothing_converts_into_flux_by_network(stub, store):
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "method vae" in info.value.details()
 
 
-def test_the_vae_round_trip_converts_sd1_to_16_channel_flux_latents(stub, store):
+def test_the_vae_round_trip_converts_sd1_to_16_channel_flux_latents(cluster, stub, store):
     request = ipb.ConvertRequest(latents=finished(store, "sd1", 4), target="flux", source_model="sd1",
                                  target_model="flux")  # fmt: skip
     reply = stub.Convert(request)
     assert reply.method == ipb.CONVERSION_METHOD_VAE and reply.latents.space == "flux"
-    assert list(store.get_tensor(reply.latents.blob).shape) == [1, 16, 32, 32]  # 64 px through a VAE factor of 2
+    out = store.get_tensor(reply.latents.blob)
+    assert list(out.shape) == [1, 16, 32, 32]  # 64 px through a VAE factor of 2
+    # Independently: sd1's VAE decodes, the pixels are clamped (no 8-bit rounding), flux's VAE
+    # encodes (the distribution's mode), each space's published scaling on its own side.
+    source = AutoencoderKL.from_pretrained(cluster.models["sd1"], subfolder="vae").eval()
+    target = AutoencoderKL.from_pretrained(cluster.models["flux"], subfolder="vae").eval()
+    sc, tc = source.config, target.config
+    with torch.no_grad():
+        latents = store.get_tensor(request.latents.blob)
+        pixels = source.decode(latents / sc.scaling_factor, return_dict=False)[0].clamp(-1, 1)
+        raw = target.encode(pixels).latent_dist.mode()
+    expected = (raw - tc.shift_factor) * tc.scaling_factor
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_the_vae_round_trip_needs_a_target_model(stub, store):

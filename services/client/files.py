@@ -34,13 +34,18 @@ def upload_inputs(spec: jpb.JobSpec, base: Path, put_bytes: UploadBytes, put_ten
     return out
 
 
-def output_path(out_dir: Path, output: jpb.JobOutput) -> Path:
-    return out_dir / f"{output.stage}.{output.format.lower()}"
+def output_path(out_dir: Path, output: jpb.JobOutput, index: int | None = None) -> Path:
+    """DIR/<stage>.<format>; the images of a batch are DIR/<stage>-<index>.<format>."""
+    suffix = "" if index is None else f"-{index}"
+    return out_dir / f"{output.stage}{suffix}.{output.format.lower()}"
 
 
-def save_output(out_dir: Path, output: jpb.JobOutput, data: bytes, tensor: torch.Tensor | None) -> Path:
-    """Writes one job output as DIR/<stage>.<format>."""
-    path = output_path(out_dir, output)
+def save_output(out_dir: Path, output: jpb.JobOutput, read_image: Callable[[pb.BlobHandle], bytes],
+                tensor: torch.Tensor | None) -> list[Path]:  # fmt: skip
+    """Writes one job output: its latents (one file, the whole batch), or each of its images."""
     if output.HasField("latents"):
-        return write_output(path, latents=tensor, handle=output.latents)
-    return write_output(path, image_bytes=data)
+        return [write_output(output_path(out_dir, output), latents=tensor, handle=output.latents)]
+    images = list(output.images) or [output.image]
+    if len(images) == 1:
+        return [write_output(output_path(out_dir, output), image_bytes=read_image(images[0]))]
+    return [write_output(output_path(out_dir, output, i), image_bytes=read_image(h)) for i, h in enumerate(images)]

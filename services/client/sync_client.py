@@ -100,11 +100,10 @@ class BatonClient:
         return upload_inputs(spec, base, self.put_bytes, self.put_tensor)
 
     def download_outputs(self, job: jpb.Job, out_dir: Path) -> builtins.list[Path]:
-        """Writes each output of a finished job as DIR/<stage>.<format>."""
+        """Writes each output of a finished job as DIR/<stage>.<format> (DIR/<stage>-<i>.<format> for
+        the images of a batch)."""
         paths = []
         for output in job.outputs:
-            if output.HasField("latents"):
-                paths.append(save_output(out_dir, output, b"", self.get_tensor(output.latents.blob)))
-            else:
-                paths.append(save_output(out_dir, output, self.get_bytes(output.image)[1], None))
+            tensor = self.get_tensor(output.latents.blob) if output.HasField("latents") else None
+            paths += save_output(out_dir, output, lambda handle: self.get_bytes(handle)[1], tensor)
         return paths

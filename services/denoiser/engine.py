@@ -7,14 +7,12 @@ the model's lock, and writes the result with all the metadata a next stage needs
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +22,8 @@ from PIL import Image
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.blobs import BlobStore
-from services.common.errors import BatonError, Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
-from services.denoiser import schedulers, vae
+from services.common.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
+from services.denoiser import schedulers
 from services.denoiser.cache import ModelCache
 from services.denoiser.families.base import (
     CONTINUE,
@@ -37,6 +35,7 @@ from services.denoiser.families.base import (
     WindowJob,
     WindowResult,
 )
+from services.denoiser.inputs import Incoming, located, read_image, read_latents
 from services.denoiser.models import LoadedModel
 from services.denoiser.window import DenoiseWindow, cutoff
 
@@ -44,18 +43,6 @@ log = logging.getLogger("baton.denoiser")
 
 MAX_STEPS = 1000
 STATE_MEDIA_TYPE = "application/x-safetensors"
-
-
-@dataclass
-class Incoming:
-    """The starting latents of a request, read and checked."""
-
-    handle: pb.LatentHandle
-    tensor: torch.Tensor
-
-    @property
-    def level(self) -> float:
-        return self.handle.noise.fraction
 
 
 class EngineHooks(StepHooks):
@@ -83,13 +70,6 @@ class EngineHooks(StepHooks):
         self.on_step(event)
 
 
-def _located(field: str, fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except BatonError as exc:
-        raise exc.at(field=field) from exc
-
-
 class DenoiseEngine:
     def __init__(self, store: BlobStore, cache: ModelCache):
         self.store = store
@@ -112,37 +92,12 @@ class DenoiseEngine:
         if req.HasField("strength") and not 0.0 < req.strength <= 1.0:
             raise InvalidArgument(f"strength must be in (0, 1], got {req.strength}", field="strength")
         with self.cache.use(req.model) as model:
-            incoming = self._incoming(req, model)
+            incoming = read_latents(self.store, req.latents, req.model, model)
             job, caps = self._job(req, model, window, incoming)
             hooks = EngineHooks(model, on_step, cancelled, deadline, req.preview_every)
             with model.lock, torch.no_grad():
                 result = model.family.run(model, job, hooks)
             return self._output(req, model, job, caps, result)
-
-    def _incoming(self, req: dpb.DenoiseRequest, model: LoadedModel) -> Incoming | None:
-        if not req.latents.blob.key:
-            return None
-        handle = req.latents
-        if handle.space and handle.space != model.space.id:
-            raise InvalidArgument(
-                f"latents are in the {handle.space!r} latent space but {req.model} works in {model.space.id!r}; "
-                "convert them with an interpose stage first",
-                field="latents.space",
-            )
-        tensor = _located("latents", lambda: self.store.get_tensor(handle.blob))
-        if tensor.ndim == 3:
-            tensor = tensor.unsqueeze(0)
-        if tensor.ndim != 4 or tensor.shape[1] != model.latent_channels:
-            raise InvalidArgument(
-                f"latents of shape {list(tensor.shape)} do not fit {req.model}: it takes "
-                f"[B, {model.latent_channels}, H, W]",
-                field="latents",
-            )
-        if not torch.isfinite(tensor).all():
-            raise InvalidArgument("latents contain NaN or inf values", field="latents")
-        if handle.scaling == pb.LATENT_SCALING_RAW:
-            tensor = model.space.to_model(tensor)
-        return Incoming(handle, tensor)
 
     def _mode(self, req: dpb.DenoiseRequest, window: DenoiseWindow, incoming: Incoming | None) -> str:
         has_image = bool(req.image.key)
@@ -196,8 +151,8 @@ class DenoiseEngine:
             if incoming.handle.scheduler.HasField("mu"):
                 mu = incoming.handle.scheduler.mu
 
-        image = _located("image", lambda: self._image(req.image, "RGB")) if req.image.key else None
-        mask = _located("mask", lambda: self._image(req.mask, "L")) if req.mask.key else None
+        image = located("image", lambda: read_image(self.store, req.image, "RGB")) if req.image.key else None
+        mask = located("mask", lambda: read_image(self.store, req.mask, "L")) if req.mask.key else None
         width, height = self._size(req, model, incoming, image)
         strength = req.strength if req.HasField("strength") else model.family.default_strength(mode)
         if incoming is not None and incoming.handle.seed and not req.HasField("seed"):
@@ -213,7 +168,7 @@ class DenoiseEngine:
             seed=seed,
             width=width,
             height=height,
-            num_images=incoming.tensor.shape[0] if incoming is not None else max(req.num_images, 1),
+            num_images=self._batch(req, incoming),
             prompt=req.prompt,
             negative_prompt=req.negative_prompt,
             prompt_2=req.prompt_2,
@@ -231,6 +186,21 @@ class DenoiseEngine:
         )
         return job, caps
 
+    @staticmethod
+    def _batch(req: dpb.DenoiseRequest, incoming: Incoming | None) -> int:
+        if req.num_images < 0:
+            raise InvalidArgument(f"num_images must be positive, got {req.num_images}", field="num_images")
+        if incoming is None:
+            return max(req.num_images, 1)
+        batch = incoming.tensor.shape[0]
+        if req.num_images and req.num_images != batch:
+            raise InvalidArgument(
+                f"num_images is {req.num_images} but the latents hold a batch of {batch}: continued latents keep "
+                "their batch size",
+                field="num_images",
+            )
+        return batch
+
     def _scheduler(self, req: dpb.DenoiseRequest, model: LoadedModel, incoming: Incoming | None):
         """The scheduler for this window, and a restore function for carried-over state."""
         overrides = MessageToDict(req.scheduler_config) if req.HasField("scheduler_config") else {}
@@ -240,31 +210,20 @@ class DenoiseEngine:
         name = req.scheduler or (before.class_name if same_model else "") or model.scheduler_class
         continuing = same_model and name == before.class_name and not overrides
         if continuing:
-            scheduler = _located("scheduler", lambda: schedulers.scheduler_from_json(name, before.config_json))
+            scheduler = located("scheduler", lambda: schedulers.scheduler_from_json(name, before.config_json))
         else:
-            scheduler = _located(
-                "scheduler", lambda: schedulers.make_scheduler(name, model.scheduler_config, overrides)
-            )
+            scheduler = located("scheduler", lambda: schedulers.make_scheduler(name, model.scheduler_config, overrides))
         caps = schedulers.capabilities(name, scheduler.config)
         restore = None
         # A multistep scheduler continuing its own schedule gets its history back, which is what
         # makes the split exact; restore_state refuses state that does not fit this window.
         if continuing and caps.split == "state" and before.state.key and before.steps == req.steps:
-            state = _located("latents.scheduler.state", lambda: bytes(self.store.get_bytes(before.state)))
+            state = located("latents.scheduler.state", lambda: bytes(self.store.get_bytes(before.state)))
 
             def restore(s: Any) -> None:
                 schedulers.restore_state(s, caps, state, device=model.device)
 
         return scheduler, caps, restore
-
-    def _image(self, handle: pb.BlobHandle, mode: str) -> Image.Image:
-        data = self.store.get_bytes(handle)
-        try:
-            image = Image.open(io.BytesIO(bytes(data)))
-            image.load()
-        except Exception as exc:  # PIL raises several types for bad data
-            raise InvalidArgument(f"not a readable image ({handle.media_type or 'unknown type'}): {exc}") from exc
-        return image.convert(mode)
 
     def _size(self, req, model: LoadedModel, incoming: Incoming | None, image: Image.Image | None) -> tuple[int, int]:
         multiple = model.family.size_multiple(model.vae_scale_factor)
@@ -330,46 +289,6 @@ class DenoiseEngine:
             height=job.height,
             model=req.model,
         )
-
-    # -- Encode / Decode -------------------------------------------------------------------
-    def encode(self, req: dpb.EncodeRequest) -> pb.LatentHandle:
-        if not req.image.key:
-            raise InvalidArgument("an image to encode is required", field="image")
-        with self.cache.use(req.model) as model:
-            image = _located("image", lambda: self._image(req.image, "RGB"))
-            seed = req.seed if req.HasField("seed") else None
-            with model.lock:
-                latents = vae.encode(model, image, width=req.width, height=req.height, seed=seed)
-            blob = self.store.put_tensor(latents, name=req.output_key or None)
-            h, w = latents.shape[-2:]
-            return pb.LatentHandle(
-                blob=blob,
-                space=model.space.id,
-                scaling=pb.LATENT_SCALING_MODEL,
-                noise=pb.NoiseLevel(fraction=1.0),
-                seed=seed or 0,
-                width=w * model.vae_scale_factor,
-                height=h * model.vae_scale_factor,
-                model=req.model,
-            )
-
-    def decode(self, req: dpb.DecodeRequest) -> dpb.DecodeResponse:
-        fmt = (req.format or "png").lower()
-        formats = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
-        if fmt not in formats:
-            raise InvalidArgument(f"unknown image format {fmt!r}; accepted: png, jpeg, webp", field="format")
-        with self.cache.use(req.model) as model:
-            incoming = self._incoming(dpb.DenoiseRequest(model=req.model, latents=req.latents), model)
-            if incoming is None:
-                raise InvalidArgument("latents to decode are required", field="latents")
-            with model.lock:
-                images = vae.decode(model, incoming.tensor)
-        buf = io.BytesIO()
-        images[0].save(buf, format=formats[fmt])
-        blob = self.store.put_bytes(
-            buf.getvalue(), media_type=f"image/{formats[fmt].lower()}", name=req.output_key or None
-        )
-        return dpb.DecodeResponse(image=blob, width=images[0].width, height=images[0].height)
 
 
 # Scheduler settings that shape a flow-matching schedule: windows only line up when they agree.

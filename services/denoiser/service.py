@@ -42,6 +42,7 @@ def build(settings, runtime) -> list[Mount]:
     import torch
 
     from services.denoiser.cache import ModelCache
+    from services.denoiser.codec import VaeCodec
     from services.denoiser.engine import DenoiseEngine
     from services.denoiser.models import LoadOptions, load_model, parse_dtype
     from services.denoiser.servicer import DenoiserServicer
@@ -67,7 +68,7 @@ def build(settings, runtime) -> list[Mount]:
         runtime.before_serving(lambda name=name: executor.submit(cache.load, name).result())
     runtime.before_serving(lambda: inspect_aliases(cache))
     runtime.on_shutdown(lambda: executor.shutdown(wait=False, cancel_futures=True))
-    servicer = DenoiserServicer(DenoiseEngine(runtime.store, cache), cache, executor)
+    servicer = DenoiserServicer(DenoiseEngine(runtime.store, cache), VaeCodec(runtime.store, cache), cache, executor)
     runtime.advertise("denoiser", servicer.worker_info)
     return [Mount(servicer, denoiser_pb2_grpc.add_DenoiserServicer_to_server, "baton.v1.Denoiser")]
 

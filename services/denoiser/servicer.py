@@ -1,4 +1,4 @@
-"""The Denoiser gRPC servicer: a few lines per RPC over DenoiseEngine."""
+"""The Denoiser gRPC servicer: a few lines per RPC over DenoiseEngine and VaeCodec."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.api.baton.v1 import workers_pb2 as wpb
 from services.common.errors import Cancelled, DeadlineExceeded
 from services.denoiser.cache import AVAILABLE, OFFLOADED, READY, ModelCache
+from services.denoiser.codec import VaeCodec
 from services.denoiser.engine import DenoiseEngine
 from services.denoiser.models import LoadedModel, ModelCard, card_of, parse_dtype
 
@@ -22,8 +23,9 @@ WINDOWS = Counter("baton_denoise_windows", "Denoise windows by outcome", ["outco
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, engine: DenoiseEngine, cache: ModelCache, executor: ThreadPoolExecutor):
+    def __init__(self, engine: DenoiseEngine, codec: VaeCodec, cache: ModelCache, executor: ThreadPoolExecutor):
         self.engine = engine
+        self.codec = codec
         self.cache = cache
         self.executor = executor
         self.in_flight = 0
@@ -85,10 +87,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             self.in_flight -= 1
 
     async def Encode(self, request, context):
-        return dpb.EncodeResponse(latents=await self._run(self.engine.encode, request))
+        return dpb.EncodeResponse(latents=await self._run(self.codec.encode, request))
 
     async def Decode(self, request, context):
-        return await self._run(self.engine.decode, request)
+        return await self._run(self.codec.decode, request)
 
     async def ListModels(self, request, context):
         loaded = {m.name: m for m, _ in self.cache.entries()}

@@ -36,18 +36,23 @@ def decode_to_tensor(model: Any, latents: torch.Tensor) -> torch.Tensor:
         vae.to(dtype=model.dtype)
 
 
-def decode(model: Any, latents: torch.Tensor) -> list[Image.Image]:
-    images = _processor(model).postprocess(decode_to_tensor(model, latents).float(), output_type="pil")
+def to_images(model: Any, pixels: torch.Tensor) -> list[Image.Image]:
+    """Pixels [B, 3, H, W] in [-1, 1] -> B 8-bit RGB images, as the pipelines' postprocess makes them."""
+    images = _processor(model).postprocess(pixels.float(), output_type="pil")
     return list(images)  # type: ignore[arg-type]  # a list of PIL images for output_type="pil"
 
 
-@torch.no_grad()
-def encode(model: Any, image: Image.Image, *, width: int = 0, height: int = 0, seed: int | None = None) -> torch.Tensor:
-    """An image -> model-space latents: the latent distribution's mode, or a sample when seeded."""
+def to_pixels(model: Any, image: Image.Image, *, width: int = 0, height: int = 0) -> torch.Tensor:
+    """An image -> [1, 3, H, W] in [-1, 1], resized as the model's pipelines do."""
     multiple = model.vae_scale_factor
     if (width and width % multiple) or (height and height % multiple):
         raise InvalidArgument(f"width and height must be multiples of {multiple} for {model.name}", field="width")
-    pixels = _processor(model).preprocess(image.convert("RGB"), height=height or None, width=width or None)
+    return _processor(model).preprocess(image.convert("RGB"), height=height or None, width=width or None)
+
+
+@torch.no_grad()
+def encode(model: Any, pixels: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [-1, 1] -> model-space latents: the distribution's mode, or a sample when seeded."""
     vae = model.pipe.vae
     dtype = _vae_dtype(model)
     vae.to(dtype=dtype)

@@ -210,6 +210,7 @@ class Orchestrator:
                 output.latents.CopyFrom(s.latents)
             if s.HasField("image"):
                 output.image.CopyFrom(s.image)
+                output.images.extend(s.images)
         await self._finish(job, jpb.JOB_STATE_SUCCEEDED, "")
 
     async def _stage(self, job, plan: Plan, name: str, status, done, deadline: float) -> None:
@@ -220,6 +221,14 @@ class Orchestrator:
         s.state, s.error = jpb.STAGE_STATE_RUNNING, ""
         s.started_at.CopyFrom(now_ts())
         call = self._call(job, plan, name, status, deadline)
+        if planned.kind == "denoise" and len(call.images) > 1:
+            await self._stage_failed(
+                job,
+                s,
+                f"stage {name!r}: field 'denoise.image': {planned.spec.denoise.image!r} holds "
+                f"{len(call.images)} images; img2img takes one: encode them (an encode stage) and start from "
+                "those latents",
+            )
         tried: set[str] = set()
         result: StageResult | None = None
         while result is None:
@@ -245,8 +254,10 @@ class Orchestrator:
         if result.latents is not None:
             await asyncio.to_thread(self._keep, result.latents, expires_ms)
             s.latents.CopyFrom(result.latents)
-        if result.image is not None:
-            s.image.CopyFrom(await asyncio.to_thread(self.blobs.keep_until, result.image, expires_ms))
+        if result.images:
+            kept = [await asyncio.to_thread(self.blobs.keep_until, image, expires_ms) for image in result.images]
+            s.image.CopyFrom(kept[0])
+            s.images.extend(kept)
         s.state = jpb.STAGE_STATE_SUCCEEDED
         s.finished_at.CopyFrom(now_ts())
         await self.jobs.save(job)
@@ -273,18 +284,19 @@ class Orchestrator:
         def latents_of(ref: str) -> pb.LatentHandle:
             return status[ref].latents if ref in status else inputs[ref].latents
 
-        def image_of(ref: str) -> pb.BlobHandle:
-            return status[ref].image if ref in status else inputs[ref].blob
+        def images_of(ref: str) -> list[pb.BlobHandle]:
+            if ref not in status:
+                return [inputs[ref].blob]
+            return list(status[ref].images) or [status[ref].image]
 
         body = getattr(planned.spec, planned.kind)
         refs = [body.latents] if getattr(body, "latents", "") else []
         refs += list(getattr(body, "more_latents", []))
-        image = getattr(body, "image", "")
+        images = images_of(body.image) if getattr(body, "image", "") else []
         mask = getattr(body, "mask", "")
         return StageCall(
-            job_id=job.id, spec=job.spec, stage=planned, latents=[latents_of(r) for r in refs],
-            image=image_of(image) if image else None, mask=image_of(mask) if mask else None,
-            timeout=max(deadline - time.time(), 0.001),
+            job_id=job.id, spec=job.spec, stage=planned, latents=[latents_of(r) for r in refs], images=images,
+            mask=images_of(mask)[0] if mask else None, timeout=max(deadline - time.time(), 0.001),
         )  # fmt: skip
 
     def _keep(self, handle: pb.LatentHandle, expires_ms: int) -> None:

@@ -20,6 +20,8 @@ from services.common.processor_uri import check_chains
 from services.common.scheduler_caps import NEVER, capabilities
 
 LATENTS, IMAGE = "latents", "image"
+# Images one denoise stage may draw; larger batches are several jobs.
+MAX_BATCH = 64
 KINDS = ("denoise", "interpose", "process", "decode", "encode")
 # Which kind of worker runs each stage kind.
 WORKER_FOR = {"denoise": "denoiser", "decode": "denoiser", "encode": "denoiser", "interpose": "interposer",
@@ -38,6 +40,8 @@ class Product:
     scheduler: str = ""
     width: int = 0
     height: int = 0
+    # Latents (or images) in the batch; 0 when unknown.
+    batch: int = 0
 
 
 @dataclass
@@ -209,6 +213,10 @@ class Planner:
             )
         if body.mask and not body.image:
             raise InvalidArgument("inpainting needs the image the mask applies to", stage=name, field="denoise.image")
+        if not 0 <= body.num_images <= MAX_BATCH:
+            raise InvalidArgument(f"must be in 0..{MAX_BATCH} (0 = 1), got {body.num_images}", stage=name,
+                                  field="denoise.num_images")  # fmt: skip
+        batch = self._batch(body, products, name)
         if (body.latents_processors or body.output_processors) and "processor" not in self.worker_kinds:
             raise InvalidArgument("no processor service is available to run latents processors", stage=name,
                                   field="denoise.latents_processors")  # fmt: skip
@@ -248,7 +256,30 @@ class Planner:
         caps = capabilities(scheduler, {})
         if partial and caps.split == NEVER:
             raise InvalidArgument(caps.why, stage=name, field="denoise.scheduler")
-        return Product(LATENTS, model.space, end if end < 1 else 1.0, body.model, scheduler, width, height)
+        return Product(LATENTS, model.space, end if end < 1 else 1.0, body.model, scheduler, width, height, batch)
+
+    @staticmethod
+    def _batch(body: jpb.DenoiseStage, products: dict[str, Product], stage: str) -> int:
+        """A denoise stage's batch: its latents', else num_images. An image input is one image."""
+        image = products.get(body.image) if body.image else None
+        if image is not None and image.batch > 1:
+            raise InvalidArgument(
+                f"{body.image!r} holds {image.batch} images; img2img takes one: encode them (an encode stage) and "
+                "start from those latents",
+                stage=stage,
+                field="denoise.image",
+            )
+        incoming = products.get(body.latents) if body.latents else None
+        if incoming is None or not incoming.batch:
+            return max(body.num_images, 1) if incoming is None else 0
+        if body.num_images and body.num_images != incoming.batch:
+            raise InvalidArgument(
+                f"num_images is {body.num_images} but {body.latents!r} hands on a batch of {incoming.batch}; "
+                "continued latents keep their batch size",
+                stage=stage,
+                field="denoise.num_images",
+            )
+        return incoming.batch
 
     @staticmethod
     def _join(incoming: Product, ref: str, start: float | None, stage: str) -> None:
@@ -286,7 +317,8 @@ class Planner:
         if body.method == CONVERSION_METHOD_VAE and not body.target_model:
             raise InvalidArgument(f"the VAE round trip encodes with a target model's VAE: name a {body.target} model",
                                   stage=name, field="interpose.target_model")  # fmt: skip
-        return Product(LATENTS, body.target, 1.0, body.target_model, "", incoming.width, incoming.height)
+        return Product(LATENTS, body.target, 1.0, body.target_model, "", incoming.width, incoming.height,
+                       incoming.batch)  # fmt: skip
 
     def _process(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
         body, name = planned.spec.process, planned.name
@@ -295,7 +327,7 @@ class Planner:
         chains = self._chains(list(body.processors), 1 + len(body.more_latents), name, "process.processors")
         incoming = products[body.latents]
         product = Product(LATENTS, incoming.space, incoming.level, incoming.model, incoming.scheduler, incoming.width,
-                          incoming.height)  # fmt: skip
+                          incoming.height, incoming.batch)  # fmt: skip
         for call, args in chains[0]:
             if call.name == "noise":  # the new level depends on the latents' schedule; the denoiser checks it
                 product.level = None
@@ -320,12 +352,12 @@ class Planner:
                                   field="decode.model")  # fmt: skip
         model = planned.model = self._model(model_name, name, "decode.model")
         self._space(incoming, body.latents, model, name, "decode.latents")
-        return Product(IMAGE, width=incoming.width, height=incoming.height)
+        return Product(IMAGE, width=incoming.width, height=incoming.height, batch=incoming.batch)
 
     def _encode(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
         body, name = planned.spec.encode, planned.name
         model = planned.model = self._model(body.model, name, "encode.model")
-        return Product(LATENTS, model.space, 1.0, body.model, "", 0, 0)
+        return Product(LATENTS, model.space, 1.0, body.model, "", 0, 0, products[body.image].batch)
 
     # -- inputs and outputs ----------------------------------------------------------------
     def _input(self, n: int, spec: jpb.InputSpec) -> Product:
@@ -340,11 +372,12 @@ class Planner:
         if source == "latents":
             handle = spec.latents
             level = handle.noise.fraction if handle.HasField("noise") else 1.0
+            shape = handle.blob.shape
             return Product(LATENTS, handle.space, level, handle.model, handle.scheduler.class_name, handle.width,
-                           handle.height)  # fmt: skip
+                           handle.height, shape[0] if len(shape) == 4 else 1 if len(shape) == 3 else 0)  # fmt: skip
         if source == "blob":
             if spec.blob.media_type.startswith("image/"):
-                return Product(IMAGE)
+                return Product(IMAGE, batch=1)
             raise InvalidArgument(
                 f"blob inputs are images; this one is {spec.blob.media_type!r}", field=f"inputs[{n}].blob"
             )

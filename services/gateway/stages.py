@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
@@ -29,7 +29,8 @@ class StageCall:
     spec: jpb.JobSpec
     stage: PlannedStage
     latents: list[pb.LatentHandle]
-    image: pb.BlobHandle | None
+    # The image input: one image, or every image of a batch a decode stage made.
+    images: list[pb.BlobHandle]
     mask: pb.BlobHandle | None
     timeout: float
     # A processor worker's channel, for a denoise stage's latents/output processors.
@@ -44,7 +45,8 @@ class StageCall:
 @dataclass
 class StageResult:
     latents: pb.LatentHandle | None = None
-    image: pb.BlobHandle | None = None
+    # A decode stage's images, one per latent of the batch.
+    images: list[pb.BlobHandle] = field(default_factory=list)
 
 
 async def process(channel, call: StageCall, inputs: list[pb.LatentHandle], processors, key: str) -> pb.LatentHandle:
@@ -62,7 +64,7 @@ async def run_denoise(channel, call: StageCall, progress: Progress) -> StageResu
         negative_prompt_2=body.negative_prompt_2, prompt_3=body.prompt_3, negative_prompt_3=body.negative_prompt_3,
         steps=body.steps, scheduler=body.scheduler, max_sequence_length=body.max_sequence_length,
         guidance_rescale=body.guidance_rescale, preview_every=body.preview_every, output_key=call.output_key,
-        job_id=call.job_id, stage=call.stage.name,
+        job_id=call.job_id, stage=call.stage.name, num_images=body.num_images,
     )  # fmt: skip
     for fld in ("guidance_scale", "denoising_start", "denoising_end", "strength"):
         if body.HasField(fld):
@@ -79,8 +81,8 @@ async def run_denoise(channel, call: StageCall, progress: Progress) -> StageResu
     else:
         request.width = body.width or call.spec.width
         request.height = body.height or call.spec.height
-    if call.image is not None:
-        request.image.CopyFrom(call.image)
+    if call.images:
+        request.image.CopyFrom(call.images[0])
     if call.mask is not None:
         request.mask.CopyFrom(call.mask)
     result = None
@@ -100,13 +102,13 @@ async def run_decode(channel, call: StageCall, progress: Progress) -> StageResul
     assert call.stage.model is not None
     request = dpb.DecodeRequest(model=call.stage.model.name, latents=call.latents[0], output_key=call.output_key)
     reply = await denoiser_pb2_grpc.DenoiserStub(channel).Decode(request, timeout=call.timeout)
-    return StageResult(image=reply.image)
+    return StageResult(images=list(reply.images) or [reply.image])
 
 
 async def run_encode(channel, call: StageCall, progress: Progress) -> StageResult:
     body = call.stage.spec.encode
-    assert call.image is not None
-    request = dpb.EncodeRequest(model=body.model, image=call.image, output_key=call.output_key)
+    assert call.images
+    request = dpb.EncodeRequest(model=body.model, images=call.images, output_key=call.output_key)
     if body.HasField("seed"):
         request.seed = body.seed
     reply = await denoiser_pb2_grpc.DenoiserStub(channel).Encode(request, timeout=call.timeout)

@@ -131,7 +131,8 @@ class InterposerEngine:
         stub: Any = denoiser_pb2_grpc.DenoiserStub(self.denoisers.channel(worker.address))
         key = req.output_key
         try:
-            decoded = await stub.Decode(dpb.DecodeRequest(model=source_model, latents=req.latents, format="png",
+            # Pixels travel as a float tensor: no 8-bit rounding between the two VAEs.
+            decoded = await stub.Decode(dpb.DecodeRequest(model=source_model, latents=req.latents, format="tensor",
                                                           output_key=f"{key}/decoded" if key else ""))  # fmt: skip
             encoded = await stub.Encode(dpb.EncodeRequest(model=req.target_model, image=decoded.image, output_key=key))
         except grpc.aio.AioRpcError as exc:

@@ -113,20 +113,22 @@ class DenoiseEvent(_message.Message):
     def __init__(self, step: _Optional[_Union[StepEvent, _Mapping]] = ..., result: _Optional[_Union[DenoiseResult, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model", "image", "width", "height", "seed", "output_key")
+    __slots__ = ("model", "image", "width", "height", "seed", "output_key", "images")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_KEY_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: _handles_pb2.BlobHandle
     width: int
     height: int
     seed: int
     output_key: str
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., output_key: _Optional[str] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_handles_pb2.BlobHandle]
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., output_key: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("latents",)
@@ -147,14 +149,16 @@ class DecodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., format: _Optional[str] = ..., output_key: _Optional[str] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("image", "width", "height")
+    __slots__ = ("image", "width", "height", "images")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     image: _handles_pb2.BlobHandle
     width: int
     height: int
-    def __init__(self, image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_handles_pb2.BlobHandle]
+    def __init__(self, image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "source", "family", "space", "state", "dtype", "device", "memory_bytes", "vae_scale_factor", "latent_channels", "default_width", "default_height", "default_scheduler", "size_multiple")

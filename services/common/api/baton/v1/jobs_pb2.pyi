@@ -101,7 +101,7 @@ class StageSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., denoise: _Optional[_Union[DenoiseStage, _Mapping]] = ..., interpose: _Optional[_Union[InterposeStage, _Mapping]] = ..., process: _Optional[_Union[ProcessStage, _Mapping]] = ..., decode: _Optional[_Union[DecodeStage, _Mapping]] = ..., encode: _Optional[_Union[EncodeStage, _Mapping]] = ...) -> None: ...
 
 class DenoiseStage(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "scheduler_config", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "guidance_rescale", "latents_processors", "output_processors", "preview_every")
+    __slots__ = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "scheduler_config", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "guidance_rescale", "latents_processors", "output_processors", "preview_every", "num_images")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class DenoiseStage(_message.Message):
     LATENTS_PROCESSORS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PROCESSORS_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -152,7 +153,8 @@ class DenoiseStage(_message.Message):
     latents_processors: _containers.RepeatedScalarFieldContainer[str]
     output_processors: _containers.RepeatedScalarFieldContainer[str]
     preview_every: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[str] = ..., image: _Optional[str] = ..., mask: _Optional[str] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., latents_processors: _Optional[_Iterable[str]] = ..., output_processors: _Optional[_Iterable[str]] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    num_images: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[str] = ..., image: _Optional[str] = ..., mask: _Optional[str] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., latents_processors: _Optional[_Iterable[str]] = ..., output_processors: _Optional[_Iterable[str]] = ..., preview_every: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
 
 class InterposeStage(_message.Message):
     __slots__ = ("latents", "target", "method", "source_model", "target_model")
@@ -205,7 +207,7 @@ class OutputSpec(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("name", "kind", "state", "worker", "attempts", "step", "total", "latents", "image", "error", "started_at", "finished_at")
+    __slots__ = ("name", "kind", "state", "worker", "attempts", "step", "total", "latents", "image", "error", "started_at", "finished_at", "images")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +220,7 @@ class StageStatus(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     state: StageState
@@ -230,19 +233,22 @@ class StageStatus(_message.Message):
     error: str
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., worker: _Optional[str] = ..., attempts: _Optional[int] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_handles_pb2.BlobHandle]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., worker: _Optional[str] = ..., attempts: _Optional[int] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
 
 class JobOutput(_message.Message):
-    __slots__ = ("stage", "format", "latents", "image")
+    __slots__ = ("stage", "format", "latents", "image", "images")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     stage: str
     format: str
     latents: _handles_pb2.LatentHandle
     image: _handles_pb2.BlobHandle
-    def __init__(self, stage: _Optional[str] = ..., format: _Optional[str] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_handles_pb2.BlobHandle]
+    def __init__(self, stage: _Optional[str] = ..., format: _Optional[str] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "spec", "state", "error", "stages", "outputs", "idempotency_key", "created_at", "started_at", "finished_at", "expires_at", "info")
