@@ -45,6 +45,12 @@ def generator(seed: int = 42) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
+def diffusers_latents(pipe, steps: int, **kw) -> torch.Tensor:
+    """diffusers' own run of `pipe` with `request`'s defaults (prompt, negative prompt, seed 42), as latents."""
+    return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, generator=generator(),
+                output_type="latent", **kw).images  # fmt: skip
+
+
 def sample_image(width: int = 64, height: int = 64, seed: int = 3) -> Image.Image:
     """A deterministic picture with structure (gradients and a block), not noise."""
     rng = np.random.default_rng(seed)

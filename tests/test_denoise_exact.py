@@ -21,9 +21,7 @@ from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.denoiser.schedulers import make_scheduler
 from tests.denoise_kit import (
-    NEGATIVE,
-    PROMPT,
-    generator,
+    diffusers_latents,
     make_engine,
     png,
     request,
@@ -74,16 +72,7 @@ def chain(engine, store, model, cuts, **fields) -> torch.Tensor:
 def test_full_run_equals_the_text_to_image_pipeline(models, engine, store, family, cls, guidance):
     ours, handle = run(engine, store, models[family], guidance_scale=guidance, width=64, height=64)
     pipe = pipeline(cls, models[family])
-    theirs = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=STEPS,
-        guidance_scale=guidance,
-        generator=generator(),
-        output_type="latent",
-        width=64,
-        height=64,
-    ).images
+    theirs = diffusers_latents(pipe, STEPS, guidance_scale=guidance, width=64, height=64)
     assert torch.equal(ours, theirs)
     assert handle.noise.fraction == 1.0 and handle.space == family and handle.seed == 42
     assert (handle.width, handle.height) == (64, 64)
@@ -93,8 +82,7 @@ def test_full_run_equals_the_text_to_image_pipeline(models, engine, store, famil
 def test_a_batch_equals_the_pipeline_with_num_images_per_prompt_and_splits_exactly(models, engine, store, family, cls):
     ours, _ = run(engine, store, models[family], num_images=2, width=64, height=64)
     pipe = pipeline(cls, models[family])
-    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, generator=generator(),
-                  output_type="latent", width=64, height=64, num_images_per_prompt=2).images  # fmt: skip
+    theirs = diffusers_latents(pipe, STEPS, width=64, height=64, num_images_per_prompt=2)
     assert ours.shape[0] == 2 and not torch.equal(ours[0], ours[1])
     assert torch.equal(ours, theirs)
     assert torch.equal(chain(engine, store, models[family], [0.6], num_images=2, width=64, height=64), ours)
@@ -141,25 +129,8 @@ def test_sdxl_base_then_second_model_equals_diffusers_pair(models, engine, store
 
     base = pipeline(StableDiffusionXLPipeline, models["sdxl"])
     refiner = pipeline(StableDiffusionXLImg2ImgPipeline, models["sdxl_b"])
-    handoff = base(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=STEPS,
-        denoising_end=f,
-        generator=generator(),
-        output_type="latent",
-        width=64,
-        height=64,
-    ).images
-    theirs = refiner(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=handoff,
-        num_inference_steps=STEPS,
-        denoising_start=f,
-        generator=generator(),
-        output_type="latent",
-    ).images
+    handoff = diffusers_latents(base, STEPS, denoising_end=f, width=64, height=64)
+    theirs = diffusers_latents(refiner, STEPS, image=handoff, denoising_start=f)
     assert torch.equal(store.get_tensor(first.blob), handoff)
     assert torch.equal(ours, theirs)
 
@@ -173,15 +144,7 @@ def test_img2img_equals_img2img_pipeline(models, engine, store, family, cls, str
     blob = store.put_bytes(png(image), media_type="image/png")
     ours, handle = run(engine, store, models[family], image=blob, strength=strength)
     pipe = pipeline(cls, models[family])
-    theirs = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=image,
-        strength=strength,
-        num_inference_steps=STEPS,
-        generator=generator(),
-        output_type="latent",
-    ).images
+    theirs = diffusers_latents(pipe, STEPS, image=image, strength=strength)
     assert torch.equal(ours, theirs)
     assert handle.noise.fraction == 1.0
 
@@ -200,18 +163,7 @@ def test_inpainting_equals_inpaint_pipeline(models, engine, store, family, cls, 
     mask_blob = store.put_bytes(png(mask), media_type="image/png")
     ours, _ = run(engine, store, models[family], image=image_blob, mask=mask_blob, strength=strength)
     pipe = pipeline(cls, models[family])
-    theirs = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=image,
-        mask_image=mask,
-        strength=strength,
-        num_inference_steps=STEPS,
-        generator=generator(),
-        output_type="latent",
-        width=64,
-        height=64,
-    ).images
+    theirs = diffusers_latents(pipe, STEPS, image=image, mask_image=mask, strength=strength, width=64, height=64)
     assert torch.equal(ours, theirs)
 
 
@@ -222,13 +174,5 @@ def test_img2img_from_finished_latents_decodes_with_the_receiving_vae(models, en
     with torch.no_grad():
         latents = store.get_tensor(finished.blob)
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    theirs = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=decoded,
-        strength=0.5,
-        num_inference_steps=STEPS,
-        generator=generator(),
-        output_type="latent",
-    ).images
+    theirs = diffusers_latents(pipe, STEPS, image=decoded, strength=0.5)
     assert torch.equal(ours, theirs)

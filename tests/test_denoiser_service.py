@@ -15,7 +15,7 @@ from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.redis_conn import connect
-from tests.denoise_kit import NEGATIVE, PROMPT, generator, png, request, sample_image
+from tests.denoise_kit import diffusers_latents, png, request, sample_image
 from tests.service_procs import ServiceProcess
 
 STEPS = 8
@@ -80,15 +80,7 @@ def test_a_full_run_through_the_service_equals_diffusers(stub, store, models):
     _, handle = denoise(stub, request("sd1", steps=STEPS, width=64, height=64))
     pipe = StableDiffusionPipeline.from_pretrained(models["sd1"])
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=STEPS,
-        generator=generator(),
-        output_type="latent",
-        width=64,
-        height=64,
-    ).images
+    theirs = diffusers_latents(pipe, STEPS, width=64, height=64)
     # Another process: equal up to thread-count effects (reference/tiny_models.md).
     torch.testing.assert_close(store.get_tensor(handle.blob), theirs, rtol=0, atol=1e-5)
 

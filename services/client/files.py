@@ -46,6 +46,6 @@ def save_output(out_dir: Path, output: jpb.JobOutput, read_image: Callable[[pb.B
     if output.HasField("latents"):
         return [write_output(output_path(out_dir, output), latents=tensor, handle=output.latents)]
     images = list(output.images) or [output.image]
-    if len(images) == 1:
-        return [write_output(output_path(out_dir, output), image_bytes=read_image(images[0]))]
-    return [write_output(output_path(out_dir, output, i), image_bytes=read_image(h)) for i, h in enumerate(images)]
+    batch = len(images) > 1
+    return [write_output(output_path(out_dir, output, i if batch else None), image_bytes=read_image(handle))
+            for i, handle in enumerate(images)]  # fmt: skip

@@ -189,7 +189,7 @@ class DenoiseEngine:
     @staticmethod
     def _batch(req: dpb.DenoiseRequest, incoming: Incoming | None) -> int:
         if req.num_images < 0:
-            raise InvalidArgument(f"num_images must be positive, got {req.num_images}", field="num_images")
+            raise InvalidArgument(f"num_images must not be negative, got {req.num_images}", field="num_images")
         if incoming is None:
             return max(req.num_images, 1)
         batch = incoming.tensor.shape[0]

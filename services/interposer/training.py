@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -102,12 +103,14 @@ def image_set_fingerprint(files: list[Path]) -> str:
 RunSetup = dict[str, tuple[str, str]]
 
 
+def _checkpoint_metadata(path: Path) -> dict[str, str]:
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
+
+
 def _check_setup(ckpt: Path, setup: RunSetup) -> None:
     """Refuses to resume from a checkpoint trained under another setup, naming each setting that differs."""
-    from safetensors import safe_open
-
-    with safe_open(ckpt, "pt") as f:
-        recorded = (f.metadata() or {}).get("setup")
+    recorded = _checkpoint_metadata(ckpt).get("setup")
     advice = "start over with --no-resume, or pass another --out"
     if recorded is None:
         raise FailedPrecondition(f"checkpoint {ckpt} records no training setup to resume under; {advice}")
@@ -165,11 +168,8 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(path: Path, fwd: InterposerNet, rev: InterposerNet, opt, gen) -> tuple[int, float]:
-    from safetensors import safe_open
-
     tensors = load_file(path)
-    with safe_open(path, "pt") as f:
-        loss = json.loads((f.metadata() or {}).get("loss", "NaN"))
+    loss = json.loads(_checkpoint_metadata(path).get("loss", "NaN"))
     for prefix, net in (("fwd.", fwd), ("rev.", rev)):
         state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         load_state_dict_strict(net, state, f"{path} ({prefix[:-1]} net)")
