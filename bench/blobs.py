@@ -9,19 +9,15 @@ redis-py; the target is 0.8 or better at every size).
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
-from pathlib import Path
 
 import redis
 import torch
 
 from bench.timing import median_time
-from services.cli.cluster import free_port
-from services.cli.redis_server import redis_argv, wait_for_ping
 from services.common.blobs import BlobStore
 from services.common.redis_conn import connect
 from services.common.tensors import tensor_bytes
+from services.devkit.cluster import RedisServer
 
 SIZES = [("256 KiB", 256 << 10), ("1 MiB", 1 << 20), ("16 MiB", 16 << 20), ("256 MiB", 256 << 20)]
 
@@ -73,15 +69,8 @@ def main() -> None:
     if args.redis_url:
         run(args.redis_url, args.repeat)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        server = subprocess.Popen(redis_argv(port, Path(tmp)), stdout=subprocess.DEVNULL)
-        try:
-            wait_for_ping(port, server)
-            run(f"redis://127.0.0.1:{port}/0", args.repeat)
-        finally:
-            server.terminate()
-            server.wait()
+    with RedisServer() as server:
+        run(server.url, args.repeat)
 
 
 if __name__ == "__main__":

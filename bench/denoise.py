@@ -13,22 +13,16 @@ the window, and the latents written to Redis.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import grpc
 import torch
 from diffusers import DiffusionPipeline
 
 from bench.timing import median_time
-from services.cli.cluster import free_port, health_status
-from services.cli.redis_server import redis_argv, wait_for_ping
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc
+from services.devkit.cluster import ClusterError, RedisServer, ServiceProcess
 from services.devkit.tiny_models import build
 
 SIDES = {"tiny": 64, "medium": 512}  # image side in pixels: 32x32 and 64x64 latents
@@ -36,28 +30,19 @@ DEFAULT_CONFIGS = "sd1-tiny,sd1-medium,sd3-tiny,sd3-medium,flux-tiny,flux-medium
 PROMPT = "a photo of a mountain landscape at night"
 
 
-def start_denoiser(redis_url: str, models: dict[str, Path], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_denoiser(redis_url: str, models: dict[str, Path], log: Path) -> ServiceProcess:
     env = {
-        **os.environ,
-        "BATON_HOST": "127.0.0.1",
-        "BATON_PORT": str(port),
-        "BATON_METRICS_PORT": "0",
-        "BATON_REDIS_URL": redis_url,
         "BATON_MODELS": ",".join(f"{name}={path}" for name, path in models.items()),
         "BATON_PRELOAD": ",".join(models),
         "BATON_MAX_MODELS": str(len(models)),  # all stay resident: time the window, not reloads
         "HF_HUB_OFFLINE": "1",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.denoiser"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
-    address = f"127.0.0.1:{port}"
-    while health_status(address) != "SERVING":
-        if process.poll() is not None:
-            raise SystemExit(f"denoiser exited: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    return process, address
+    denoiser = ServiceProcess("denoiser", redis_url, env, log=log).start()
+    try:
+        return denoiser.wait_serving(timeout=3600)  # preloading every medium model takes a while
+    except ClusterError as exc:
+        denoiser.stop()
+        raise SystemExit(f"denoiser did not start: {exc}") from exc
 
 
 def compare(stub, name: str, path: Path, side: int, steps: int, repeat: int) -> tuple[float, float, int]:
@@ -89,24 +74,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = {name: build(name.split("-")[0], root / name, size=name.split("-")[1]) for name in configs}
-        port = free_port()
-        redis = subprocess.Popen(redis_argv(port, root), stdout=subprocess.DEVNULL)
-        wait_for_ping(port, redis)
-        denoiser, address = start_denoiser(f"redis://127.0.0.1:{port}/0", models, root / "denoiser.log")
-        try:
-            stub = denoiser_pb2_grpc.DenoiserStub(grpc.insecure_channel(address))
-            threads = torch.get_num_threads()
-            print(f"torch {torch.__version__}, {threads} threads, {args.steps} steps, median of {args.repeat}")
-            print(f"{'config':>12} {'latents':>8} {'diffusers':>10} {'service':>10} {'ratio':>6}")
-            for name in configs:
-                side = SIDES[name.split("-")[1]]
-                base, ours, latent = compare(stub, name, models[name], side, args.steps, args.repeat)
-                print(f"{name:>12} {latent:>5}^2 {base:>9.3f}s {ours:>9.3f}s {ours / base:>6.3f}", flush=True)
-        finally:
-            denoiser.terminate()
-            denoiser.wait()
-            redis.terminate()
-            redis.wait()
+        with RedisServer() as redis:
+            denoiser = start_denoiser(redis.url, models, root / "denoiser.log")
+            try:
+                stub = denoiser_pb2_grpc.DenoiserStub(denoiser.channel)
+                threads = torch.get_num_threads()
+                print(f"torch {torch.__version__}, {threads} threads, {args.steps} steps, median of {args.repeat}")
+                print(f"{'config':>12} {'latents':>8} {'diffusers':>10} {'service':>10} {'ratio':>6}")
+                for name in configs:
+                    side = SIDES[name.split("-")[1]]
+                    base, ours, latent = compare(stub, name, models[name], side, args.steps, args.repeat)
+                    print(f"{name:>12} {latent:>5}^2 {base:>9.3f}s {ours:>9.3f}s {ours / base:>6.3f}", flush=True)
+            finally:
+                denoiser.stop()
 
 
 if __name__ == "__main__":

@@ -10,26 +10,20 @@ them, runs the network and writes the result. Ratio = service / in process.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import grpc
 import torch
 from safetensors.torch import save_file
 
 from bench.timing import median_time
-from services.cli.cluster import free_port, health_status
-from services.cli.redis_server import redis_argv, wait_for_ping
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import interposer_pb2 as ipb
 from services.common.api.baton.v1 import interposer_pb2_grpc
 from services.common.blobs import BlobStore
 from services.common.latent_spaces import get_space
 from services.common.redis_conn import connect
+from services.devkit.cluster import RedisServer, ServiceProcess
 from services.interposer.net import InterposerNet, convert, load_interposer, weights_filename
 
 
@@ -42,21 +36,15 @@ def main() -> None:
         root = Path(tmp)
         path = root / weights_filename("xl", "v1")
         save_file(InterposerNet(4, 4).state_dict(), str(path))
-        port, grpc_port = free_port(), free_port()
-        redis = subprocess.Popen(redis_argv(port, root), stdout=subprocess.DEVNULL)
-        wait_for_ping(port, redis)
-        url = f"redis://127.0.0.1:{port}/0"
-        env = {**os.environ, "BATON_HOST": "127.0.0.1", "BATON_PORT": str(grpc_port), "BATON_METRICS_PORT": "0",
-               "BATON_REDIS_URL": url, "BATON_INTERPOSER_DIR": str(root), "HF_HUB_OFFLINE": "1"}  # fmt: skip
-        service = subprocess.Popen([sys.executable, "-m", "services.interposer"], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            while health_status(f"127.0.0.1:{grpc_port}") != "SERVING":
-                time.sleep(0.2)
-            store = BlobStore(connect(url, "no"))
+        env = {"BATON_INTERPOSER_DIR": str(root), "HF_HUB_OFFLINE": "1"}
+        with (
+            RedisServer() as redis,
+            ServiceProcess("interposer", redis.url, env, log=root / "interposer.log") as service,
+        ):
+            store = BlobStore(connect(redis.url, "no"))
             latents = torch.randn(1, 4, args.size, args.size)
             handle = pb.LatentHandle(blob=store.put_tensor(latents), space="sdxl", noise=pb.NoiseLevel(fraction=1.0))
-            stub = interposer_pb2_grpc.InterposerStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+            stub = interposer_pb2_grpc.InterposerStub(service.channel)
             request = ipb.ConvertRequest(latents=handle, target="sd1", method=ipb.CONVERSION_METHOD_NET)
             net = load_interposer(path, "xl", "v1")
             source, target = get_space("sdxl"), get_space("sd1")
@@ -70,11 +58,6 @@ def main() -> None:
             print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}")
             print(f"{args.size}x{args.size} latents: in process {base * 1e3:.1f} ms, service {ours * 1e3:.1f} ms, "
                   f"ratio {ours / base:.3f}")  # fmt: skip
-        finally:
-            service.terminate()
-            service.wait()
-            redis.terminate()
-            redis.wait()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ hands the latents over in Redis and streams progress. Ratio = cluster / in proce
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +24,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from google.protobuf import json_format
 
 from bench.timing import median_time
-from services.cli.cluster import LocalCluster
 from services.client import BatonClient
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.devkit.cluster import LocalCluster
 from services.devkit.tiny_models import build
 
 SIDES = {"tiny": 64, "medium": 512}
@@ -86,11 +85,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {f"{c}-{m}": build("sd1", Path(tmp) / c / m, size=c, seed=i) for c in configs for i, m in
                  enumerate("ab")}  # fmt: skip
-        os.environ["BATON_MODELS"] = ",".join(f"{k}={v}" for k, v in paths.items())
-        os.environ["BATON_PRELOAD"] = ",".join(paths)
-        os.environ["BATON_MAX_MODELS"] = str(len(paths))  # all stay resident: time the jobs, not reloads
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        with LocalCluster(log_dir=Path(tmp) / "logs", default_ports=False) as cluster:
+        env = {
+            "BATON_MODELS": ",".join(f"{k}={v}" for k, v in paths.items()),
+            "BATON_PRELOAD": ",".join(paths),
+            "BATON_MAX_MODELS": str(len(paths)),  # all stay resident: time the jobs, not reloads
+            "HF_HUB_OFFLINE": "1",
+        }
+        with LocalCluster(log_dir=Path(tmp) / "logs", env=env, default_ports=False) as cluster:
             address = cluster.address("gateway")
             print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps split at {SPLIT}")
             print(f"{'config':>8} {'in process':>11} {'cluster':>10} {'ratio':>6}")

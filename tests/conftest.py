@@ -4,19 +4,19 @@ import pytest
 
 from services.common.blobs import BlobStore
 from services.common.redis_conn import connect
-from tests.redis_fixtures import redis_cluster, redis_server
+from services.devkit.cluster import RedisClusterServers, RedisServer
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> str:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")
 def redis_cluster_url(tmp_path_factory) -> str:
-    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
-        yield url
+    with RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster.url
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -11,9 +10,9 @@ import torch
 
 from services.client import BatonClient
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.devkit.cluster import LocalCluster, ServiceProcess
 from services.devkit.tiny_models import build
-from tests.redis_fixtures import redis_server
-from tests.service_procs import ServiceProcess
+from tests.service_procs import REPO, TEST_ENV
 
 TERMINAL = (jpb.JOB_STATE_SUCCEEDED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED)
 
@@ -33,45 +32,71 @@ def aliases(models: dict[str, str]) -> str:
 
 
 class Cluster:
-    """Redis, one gateway and N denoisers, each a real process; any of them can be killed."""
+    """Redis, gateways, N denoisers and, when given their env, an interposer and a processor, each a
+    real process (LocalCluster) that a test can kill, pause or restart; `redis_persistence="aof"`
+    keeps what Redis acknowledged across `cluster.redis.kill()` and `.restart()`."""
 
     def __init__(self, root: Path, models: dict[str, str], denoisers: int = 1, gateway_env: dict | None = None,
-                 interposer_env: dict | None = None, processor_env: dict | None = None):  # fmt: skip
+                 interposer_env: dict | None = None, processor_env: dict | None = None, *, gateways: int = 1,
+                 denoiser_env: dict | None = None, redis_persistence: str = "none"):  # fmt: skip
         self.root = root
         self.models = models
-        self.gateway_env = {"BATON_JOB_LEASE": "2", **(gateway_env or {})}
-        self._redis = contextlib.ExitStack()
-        self.redis_url = self._redis.enter_context(redis_server(root))
-        self.denoisers = [self.add_denoiser() for _ in range(denoisers)]
-        self.workers = list(self.denoisers)
-        if interposer_env is not None:
-            log = self.root / "interposer.log"
-            self.interposer = ServiceProcess("interposer", self.redis_url, interposer_env, log).wait_serving()
-            self.workers.append(self.interposer)
-        if processor_env is not None:
-            log = self.root / "processor.log"
-            self.processor = ServiceProcess("processor", self.redis_url, processor_env, log).wait_serving()
-            self.workers.append(self.processor)
-        self.gateway = self.start_gateway()
+        optional = {
+            k: env for k, env in (("interposer", interposer_env), ("processor", processor_env)) if env is not None
+        }
+        service_env = {
+            "gateway": {"BATON_JOB_LEASE": "2", **(gateway_env or {})},
+            "denoiser": {
+                "BATON_MODELS": aliases(models),
+                "BATON_REGISTRY_TTL": "3",
+                # Several denoisers on a 2-core machine: one torch thread each, or their OpenMP
+                # teams spin against each other (10x slower windows).
+                **({"BATON_TORCH_THREADS": "1"} if denoisers > 1 else {}),
+                **(denoiser_env or {}),
+            },
+            **optional,
+        }
+        self.local = LocalCluster(
+            ["gateway", "denoiser", *optional],
+            log_dir=root / "logs",
+            env=TEST_ENV,
+            service_env=service_env,
+            default_ports=False,
+            replicas={"gateway": gateways, "denoiser": denoisers},
+            redis_persistence=redis_persistence,
+            cwd=REPO,  # for tests.plugin_processor
+        ).start()
+        self.redis = self.local.redis
+        self.redis_url = self.local.redis_url or ""
+        self.gateway = self.gateways[0]  # the one client() talks to; a test may replace it
+        self.interposer = next(iter(self.local.processes("interposer")), None)
+        self.processor = next(iter(self.local.processes("processor")), None)
+
+    @property
+    def gateways(self) -> list[ServiceProcess]:
+        return self.local.processes("gateway")
+
+    @property
+    def denoisers(self) -> list[ServiceProcess]:
+        return self.local.processes("denoiser")
+
+    @property
+    def workers(self) -> list[ServiceProcess]:
+        return [*self.denoisers, *(p for p in (self.interposer, self.processor) if p is not None)]
 
     def add_denoiser(self) -> ServiceProcess:
-        n = len(getattr(self, "denoisers", []))
-        env = {"BATON_MODELS": aliases(self.models), "BATON_REGISTRY_TTL": "3"}
-        return ServiceProcess(
-            "denoiser", self.redis_url, env, self.root / f"denoiser-{n}-{time.time_ns()}.log"
-        ).wait_serving()
+        """One more denoiser with the cluster's models, SERVING (and in `denoisers`)."""
+        return self.local.add("denoiser")
 
     def start_gateway(self) -> ServiceProcess:
-        log = self.root / f"gateway-{time.time_ns()}.log"
-        return ServiceProcess("gateway", self.redis_url, self.gateway_env, log).wait_serving()
+        """One more gateway, SERVING (and in `gateways`); `gateway` stays as it was."""
+        return self.local.add("gateway")
 
     def client(self) -> BatonClient:
         return BatonClient(self.gateway.address)
 
     def stop(self) -> None:
-        for proc in [self.gateway, *self.workers]:
-            proc.stop()
-        self._redis.close()
+        self.local.stop()
 
 
 def wait_for_job(client: BatonClient, job_id: str, timeout: float = 120) -> jpb.Job:

@@ -185,10 +185,10 @@ def test_readers_never_see_a_half_written_blob(redis_client):
 
 def test_a_full_redis_is_resource_exhausted(tmp_path):
     from services.common.errors import ResourceExhausted
-    from tests.redis_fixtures import redis_server
+    from services.devkit.cluster import RedisServer
 
-    with redis_server(tmp_path) as url:
-        client = redis.Redis.from_url(url)
+    with RedisServer(tmp_path) as server:
+        client = redis.Redis.from_url(server.url)
         client.config_set("maxmemory", 4 << 20)
         store = BlobStore(client, chunk_bytes=1 << 20)
         with pytest.raises(ResourceExhausted, match="out of memory"):
@@ -297,10 +297,10 @@ def test_keep_until_racing_rewrites_never_touches_a_newer_generation(redis_clien
 
 
 def test_keep_until_works_on_a_full_redis(tmp_path):
-    from tests.redis_fixtures import redis_server
+    from services.devkit.cluster import RedisServer
 
-    with redis_server(tmp_path) as url:
-        client = redis.Redis.from_url(url)
+    with RedisServer(tmp_path) as server:
+        client = redis.Redis.from_url(server.url)
         store = BlobStore(client, chunk_bytes=1 << 20)
         handle = store.put_tensor(torch.randn(1000), name="retained")
         client.config_set("maxmemory", 1)

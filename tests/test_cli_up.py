@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.cli.cluster import health_status
 from services.common.api.baton.v1 import (
     denoiser_pb2,
     denoiser_pb2_grpc,
@@ -24,6 +23,7 @@ from services.common.api.baton.v1 import (
     processor_pb2,
     processor_pb2_grpc,
 )
+from services.devkit.cluster import health_status
 from tests.reflection import list_services
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -164,8 +165,6 @@ INVALID = [
     ("scheduler cannot split", bad([den("a", denoising_end=0.5, scheduler="EulerAncestralDiscreteScheduler")]),
      "stage 'a'", "denoise.scheduler"),
     ("unknown model", bad([den("a", "no/such-model")]), "stage 'a'", "denoise.model"),
-    ("no processor service", bad([den("a"), {"name": "p", "process": {"latents": "a", "processors": ["scale"]}}]),
-     "stage 'p'", "process"),
     ("steps", bad([den("a", steps=0)]), "stage 'a'", "denoise.steps"),
     ("output format", bad([den("a")], [{"stage": "a", "format": "png"}]), "stage 'a'", "outputs[0].format"),
     ("start without latents", bad([den("a", denoising_start=0.4)]), "stage 'a'", "denoise.latents"),
@@ -185,6 +184,14 @@ def test_invalid_specs_are_rejected_at_submit_naming_stage_and_field(cluster, cl
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stage in info.value.details() and field in info.value.details(), info.value.details()
     assert sum(d.metrics().get(DENOISE_CALLS, 0) for d in cluster.denoisers) == before, "no worker was called"
+
+
+def test_a_stage_kind_no_worker_serves_yet_is_unavailable_not_the_spec_s_fault(client):
+    spec = bad([den("a"), {"name": "p", "process": {"latents": "a", "processors": ["scale"]}}])
+    with pytest.raises(grpc.RpcError) as info:
+        client.submit(spec)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stage 'p'" in info.value.details() and "no processor worker" in info.value.details()
 
 
 def test_the_same_idempotency_key_gives_one_job(client):
@@ -218,6 +225,15 @@ def test_cancel_mid_job_ends_it_cancelled_and_stops_the_worker(cluster, client):
     wait_until(lambda: denoiser.metrics().get(stopped, 0) > stopped_before, "the denoiser never stopped the window")
     # The step running when the cancel arrived may finish; no other step starts.
     assert denoiser.metrics()["baton_denoise_steps_total"] - at_cancel <= 1
+
+
+def test_get_shows_the_step_a_running_stage_is_at(client):
+    job = client.submit(slow_spec(steps=12))
+    wait_for_progress(client, job.id, steps=3)
+    time.sleep(1.5)  # the running gateway saves progress about once a second
+    stage = client.get(job.id).stages[0]
+    client.cancel(job.id)
+    assert stage.total == 12 and stage.step >= 3, (stage.step, stage.total)
 
 
 def test_run_streams_the_job_from_submit_to_its_end(client):
@@ -270,7 +286,7 @@ def wait_until(check, message: str, timeout: float = 60) -> None:
 @pytest.fixture
 def failing(tmp_path, models, request):
     """A cluster with `request.param` denoisers and a slow job running its first step on it."""
-    cluster = Cluster(tmp_path, models, denoisers=request.param)
+    cluster = Cluster(tmp_path, models, denoisers=request.param, gateway_env={"BATON_WORKER_WAIT": "3"})
     with cluster.client() as client:
         job = client.submit(slow_spec(steps=6))
         wait_for_progress(client, job.id, steps=1)
@@ -294,13 +310,13 @@ def test_a_killed_worker_is_replaced_by_another_one(failing):
 
 
 @pytest.mark.parametrize("failing", [1], indirect=True)
-def test_a_killed_only_worker_fails_the_job_with_a_reason(failing):
-    cluster, job_id, _ = failing
+def test_a_killed_only_worker_that_never_comes_back_fails_the_job_naming_the_cause(failing):
+    cluster, job_id, worker = failing
     cluster.denoisers[0].process.send_signal(signal.SIGKILL)
-    done = finished(cluster, job_id)
+    done = finished(cluster, job_id)  # the gateway waits BATON_WORKER_WAIT (3 s here) for one
     assert done.state == jpb.JOB_STATE_FAILED
-    assert "stage 'slow'" in done.error
-    assert "UNAVAILABLE" in done.error or "no denoiser worker" in done.error, done.error
+    assert "stage 'slow'" in done.error and "no denoiser worker is available" in done.error, done.error
+    assert f"{worker}: UNAVAILABLE" in done.error, done.error
 
 
 @pytest.mark.parametrize("failing", [1], indirect=True)

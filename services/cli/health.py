@@ -19,7 +19,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli.cluster import DEFAULT_PORTS, health_status
+    from services.devkit.cluster import DEFAULT_PORTS, health_status
 
     address = args.address
     if not address:

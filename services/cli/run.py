@@ -26,9 +26,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli.cluster import LocalCluster
     from services.common.errors import BatonError
     from services.common.job_files import load_spec
+    from services.devkit.cluster import LocalCluster
 
     try:
         spec = load_spec(args.spec)

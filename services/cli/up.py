@@ -25,8 +25,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli.cluster import ClusterError, LocalCluster
-    from services.cli.redis_server import RedisServerError
+    from services.devkit.cluster import ClusterError, LocalCluster
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -38,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         cluster.start(timeout=args.timeout)
-    except (ClusterError, RedisServerError) as exc:
+    except ClusterError as exc:
         print(f"baton up: {exc}", file=sys.stderr)
         return 1
     try:
@@ -52,10 +51,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:<11} {where}{extra}", flush=True)
             print("all services SERVING; Ctrl-C stops the cluster", flush=True)
         while not stop.wait(0.5):
-            for child in cluster.children:
-                if child.process.poll() is not None:
-                    print(f"baton up: {child.name} exited with {child.process.returncode}", file=sys.stderr)
-                    return 1
+            for name, code in cluster.exited():
+                print(f"baton up: {name} exited with {code}", file=sys.stderr)
+                return 1
         return 0
     finally:
         cluster.stop()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 import torch
 
+from services.client.resume import PATIENCE_S, Resume
 from services.client.sync_client import OPTIONS, blob_chunks, tensor_header
 from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import gateway_pb2_grpc
@@ -34,13 +36,37 @@ class AsyncBatonClient:
         request = gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key)
         return await self.stub.Submit(request, timeout=self.timeout)
 
-    async def run(self, spec: jpb.JobSpec, idempotency_key: str = "") -> AsyncIterator[jpb.JobEvent]:
-        async for event in self.stub.Run(gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key)):
+    async def run(self, spec: jpb.JobSpec, idempotency_key: str = "", *, patience_s: float = PATIENCE_S
+                  ) -> AsyncIterator[jpb.JobEvent]:  # fmt: skip
+        """Submits and streams the job's events until it ends (a cut stream goes on as a watch)."""
+        resume = Resume("", patience_s)
+        try:
+            async for event in self.stub.Run(gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key)):
+                resume.seen(event)
+                yield event
+            return
+        except grpc.RpcError as exc:
+            if not resume.job_id or resume.retry_after(exc) is None:
+                raise
+        async for event in self.watch(resume.job_id, resume.cursor, patience_s=patience_s):
             yield event
 
-    async def watch(self, job_id: str, after_event_id: str = "") -> AsyncIterator[jpb.JobEvent]:
-        async for event in self.stub.Watch(gpb.WatchRequest(job_id=job_id, after_event_id=after_event_id)):
-            yield event
+    async def watch(self, job_id: str, after_event_id: str = "", *, patience_s: float = PATIENCE_S
+                    ) -> AsyncIterator[jpb.JobEvent]:  # fmt: skip
+        """The job's events after `after_event_id` until it ends; reconnects while the gateway is briefly away."""
+        resume = Resume(after_event_id, patience_s)
+        while True:
+            try:
+                request = gpb.WatchRequest(job_id=job_id, after_event_id=resume.cursor)
+                async for event in self.stub.Watch(request):
+                    resume.seen(event)
+                    yield event
+                return
+            except grpc.RpcError as exc:
+                wait = resume.retry_after(exc)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
 
     async def get(self, job_id: str) -> jpb.Job:
         return await self.stub.Get(gpb.GetJobRequest(job_id=job_id), timeout=self.timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import grpc
 import torch
 
 from services.client.files import save_output, upload_inputs
+from services.client.resume import PATIENCE_S, Resume
 from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.api.baton.v1 import handles_pb2 as pb
@@ -52,12 +54,35 @@ class BatonClient:
     def submit(self, spec: jpb.JobSpec, idempotency_key: str = "") -> jpb.Job:
         return self.stub.Submit(gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key), timeout=self.timeout)
 
-    def run(self, spec: jpb.JobSpec, idempotency_key: str = "") -> Iterator[jpb.JobEvent]:
-        """Submits and streams the job's events until it ends."""
-        yield from self.stub.Run(gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key))
+    def run(self, spec: jpb.JobSpec, idempotency_key: str = "", *, patience_s: float = PATIENCE_S
+            ) -> Iterator[jpb.JobEvent]:  # fmt: skip
+        """Submits and streams the job's events until it ends (a cut stream goes on as a watch)."""
+        resume = Resume("", patience_s)
+        try:
+            for event in self.stub.Run(gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key)):
+                resume.seen(event)
+                yield event
+            return
+        except grpc.RpcError as exc:
+            if not resume.job_id or resume.retry_after(exc) is None:
+                raise
+        yield from self.watch(resume.job_id, resume.cursor, patience_s=patience_s)
 
-    def watch(self, job_id: str, after_event_id: str = "") -> Iterator[jpb.JobEvent]:
-        yield from self.stub.Watch(gpb.WatchRequest(job_id=job_id, after_event_id=after_event_id))
+    def watch(self, job_id: str, after_event_id: str = "", *, patience_s: float = PATIENCE_S
+              ) -> Iterator[jpb.JobEvent]:  # fmt: skip
+        """The job's events after `after_event_id` until it ends; reconnects while the gateway is briefly away."""
+        resume = Resume(after_event_id, patience_s)
+        while True:
+            try:
+                for event in self.stub.Watch(gpb.WatchRequest(job_id=job_id, after_event_id=resume.cursor)):
+                    resume.seen(event)
+                    yield event
+                return
+            except grpc.RpcError as exc:
+                wait = resume.retry_after(exc)
+                if wait is None:
+                    raise
+                time.sleep(wait)
 
     def get(self, job_id: str) -> jpb.Job:
         return self.stub.Get(gpb.GetJobRequest(job_id=job_id), timeout=self.timeout)

@@ -76,6 +76,12 @@ COMMON = (
         "treat Redis as a Redis Cluster; auto asks the server",
         choices=("auto", "yes", "no"),
     ),
+    Setting(
+        "redis-timeout",
+        3.0,
+        "seconds a Redis connect or reply may take; past it the call fails UNAVAILABLE instead of hanging",
+        float,
+    ),
     Setting("blob-ttl", 3600.0, "seconds a blob lives; long enough for any stage to read it", float),
     Setting(
         "blob-chunk-bytes",
@@ -95,7 +101,20 @@ COMMON = (
         "seconds in-flight calls get to finish after SIGTERM; keep below Kubernetes' terminationGracePeriodSeconds",
         float,
     ),
-    Setting("max-concurrency", 64, "gRPC calls served at once; more are refused with RESOURCE_EXHAUSTED", int),
+    Setting(
+        "max-concurrency",
+        64,
+        "gRPC calls served at once (health checks and reflection excepted); more are refused RESOURCE_EXHAUSTED",
+        int,
+    ),
+    Setting(
+        "keepalive",
+        10.0,
+        "seconds between gRPC keepalive pings on every server and channel; a dead or frozen peer is noticed "
+        "after this plus keepalive-timeout",
+        float,
+    ),
+    Setting("keepalive-timeout", 5.0, "seconds a keepalive ping may go unanswered before the connection drops", float),
     Setting("log-level", "info", "log level", choices=("debug", "info", "warning", "error")),
     Setting("log-format", "json", "json lines for log collectors, text for people", choices=("json", "text")),
 )
@@ -110,6 +129,20 @@ WORKER = (
         "In Kubernetes, the pod IP",
     ),
     Setting("registry-ttl", 10.0, "seconds a worker stays registered without a heartbeat", float),
+    Setting(
+        "torch-threads",
+        0,
+        "CPU threads torch uses in this process; 0 keeps torch's default (one per core). Set cores / workers when "
+        "several workers share a machine, or their threads fight over the cores",
+        int,
+    ),
+    Setting(
+        "max-queued",
+        4,
+        "calls waiting in this worker's own queue besides those it runs; more are refused RESOURCE_EXHAUSTED "
+        "so the gateway tries another worker",
+        int,
+    ),
 )
 
 

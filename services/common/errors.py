@@ -3,11 +3,18 @@ domain errors and one interceptor turns them into statuses."""
 
 from __future__ import annotations
 
+# The trailer that carries BatonError.retry to the caller.
+RETRY_TRAILER = "baton-retry"
+
 
 class BatonError(Exception):
     """Base of Baton's errors; `code` is the name of a grpc.StatusCode."""
 
     code = "INTERNAL"
+    # Set on errors that say "not now, ask again" (a busy, draining or cut-off worker): the
+    # interceptor sends it as the `baton-retry` trailer, so a caller can tell a worker that
+    # answered from a connection that broke, and retry without counting it as a failure.
+    retry = ""
 
     def __init__(self, message: str, *, stage: str = "", field: str = ""):
         self.stage = stage
@@ -44,8 +51,27 @@ class ResourceExhausted(BatonError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Busy(ResourceExhausted):
+    """A worker has no room: every slot runs and its queue is full. Try another or later."""
+
+    retry = "busy"
+
+
 class Unavailable(BatonError):
     code = "UNAVAILABLE"
+    retry = "unavailable"
+
+
+class Draining(Unavailable):
+    """A worker is shutting down: it takes nothing new and hands running work on."""
+
+    retry = "draining"
+
+
+class RedisDown(Unavailable):
+    """Redis cannot be reached just now."""
+
+    retry = "redis"
 
 
 class DataLoss(BatonError):

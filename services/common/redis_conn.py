@@ -1,9 +1,16 @@
-"""Connects to a single Redis or a Redis Cluster from one URL."""
+"""Connects to a single Redis or a Redis Cluster from one URL, with timeouts and retries.
+
+Every client Baton makes has a connect and a socket timeout (a frozen Redis fails a command
+within `timeout_s` instead of hanging it) and retries a dropped connection a few times with
+jittered backoff (a restarting Redis is waited out briefly). Longer outages surface as
+`REDIS_DOWN` errors, which the interceptor answers with UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
 import redis
 from redis._parsers import Encoder
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import RedisCluster
 from redis.connection import PythonRespSerializer
 
@@ -11,35 +18,75 @@ from services.common.errors import Unavailable
 
 Client = redis.Redis | RedisCluster
 
+# Redis is away or not ready: a restart, a failover, a network blip, an AOF being loaded.
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+# Retried inside the client: a refused or reset connection (Redis restarting) is worth a few
+# quick tries; a timeout (Redis frozen) is not, or a frozen Redis would hold every call for
+# several timeouts.
+RETRIED = (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError)
+DEFAULT_TIMEOUT_S = 3.0
+# Retries of one command on a dropped connection: about half a second in all.
+RETRIES = 3
 
-def connect(url: str, cluster: str = "auto") -> Client:
+
+def _options(timeout_s: float) -> dict:
+    from redis.retry import Retry
+
+    return {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.05), RETRIES, RETRIED),
+        "health_check_interval": 15,
+    }
+
+
+def _async_options(timeout_s: float) -> dict:
+    from redis.asyncio.retry import Retry
+
+    return {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.05), RETRIES, RETRIED),
+    }
+
+
+def connect(url: str, cluster: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Client:
     """A client for `url`; cluster is "yes", "no", or "auto" (ask the server's INFO)."""
     if cluster == "auto":
-        probe = redis.Redis.from_url(url)
-        try:
-            enabled = probe.info("cluster").get("cluster_enabled") == 1
-        except redis.ConnectionError as exc:
-            raise Unavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
-        finally:
-            probe.close()
-        cluster = "yes" if enabled else "no"
+        cluster = "yes" if _is_cluster(url, timeout_s) else "no"
+    options = _options(timeout_s)
     if cluster == "yes":
-        return RedisCluster.from_url(url, command_packer=_zero_copy_packer())
-    return redis.Redis.from_url(url, command_packer=_zero_copy_packer())
+        options.pop("health_check_interval")
+        return RedisCluster.from_url(url, command_packer=_zero_copy_packer(), **options)
+    return redis.Redis.from_url(url, command_packer=_zero_copy_packer(), **options)
 
 
-def connect_async(url: str, cluster: str = "auto"):
-    """An asyncio client for `url` (same cluster detection as `connect`)."""
+def connect_async(url: str, cluster: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
+    """An asyncio client for `url` (same cluster detection, timeouts and retries as `connect`)."""
     import redis.asyncio as aredis
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
     if cluster == "auto":
-        probe = connect(url, "auto")
-        cluster = "yes" if isinstance(probe, RedisCluster) else "no"
-        probe.close()
+        cluster = "yes" if _is_cluster(url, timeout_s) else "no"
     if cluster == "yes":
-        return AsyncRedisCluster.from_url(url)
-    return aredis.Redis.from_url(url)
+        return AsyncRedisCluster.from_url(url, **_async_options(timeout_s))
+    return aredis.Redis.from_url(url, **_async_options(timeout_s))
+
+
+def _is_cluster(url: str, timeout_s: float) -> bool:
+    probe = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        return probe.info("cluster").get("cluster_enabled") == 1
+    except REDIS_DOWN as exc:
+        raise Unavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
+    finally:
+        probe.close()
 
 
 def _zero_copy_packer() -> PythonRespSerializer:

@@ -1,15 +1,18 @@
 """The service runtime every Baton service runs in.
 
 gRPC (asyncio) with health checking and reflection, one status interceptor, raised message
-limits, Prometheus metrics over HTTP, structured logs, settings from flags and env vars, and
-a graceful drain on SIGTERM: health goes NOT_SERVING, in-flight calls get `grace-period`
-seconds to finish, then the process exits.
+limits and keepalive, Prometheus metrics over HTTP, structured logs, settings from flags and
+env vars, and a graceful drain on SIGTERM: the worker leaves the registry, health goes
+NOT_SERVING, the service's drain hooks run (a denoiser finishes or hands off its windows),
+in-flight calls get what is left of `grace-period`, then the process exits. Health is also
+NOT_SERVING while Redis cannot be reached: a service without Redis can serve nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -26,9 +29,10 @@ from prometheus_client import start_http_server
 from services.common.blobs import BlobStore
 from services.common.config import Setting, build_parser
 from services.common.errors import Unavailable
+from services.common.grpc_options import server_options
 from services.common.interceptor import StatusInterceptor
 from services.common.logs import setup_logging
-from services.common.redis_conn import Client, connect, redact
+from services.common.redis_conn import REDIS_DOWN, Client, connect, redact
 from services.common.registry import WorkerRegistry, new_worker_id
 
 log = logging.getLogger("baton.server")
@@ -64,9 +68,12 @@ class Runtime:
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     _warmups: list[Callable[[], Any]] = field(default_factory=list)
     _starters: list[Callable[[], Any]] = field(default_factory=list)
+    _drainers: list[Callable[[float], Any]] = field(default_factory=list)
     # (kind, describe): this process registers as a worker while it serves.
     _worker: tuple[str, Callable[[str], Any]] | None = None
     worker_id: str = ""
+    # Set when the worker's record should be rewritten now (its load changed).
+    _changed: asyncio.Event | None = None
 
     def on_shutdown(self, fn: Callable[[], Any]) -> None:
         """Runs `fn` (sync or async) after the server has drained."""
@@ -77,6 +84,16 @@ class Runtime:
         self._worker = (kind, describe)
         self.worker_id = new_worker_id(kind)
 
+    def on_drain(self, fn: Callable[[float], Any]) -> None:
+        """Runs async `fn(deadline)` on SIGTERM, after health went NOT_SERVING; `deadline` is the
+        time.monotonic() by which the grace period ends."""
+        self._drainers.append(fn)
+
+    def nudge(self) -> None:
+        """Rewrites this worker's registry record soon (its load changed), not only at the next heartbeat."""
+        if self._changed is not None:
+            self._changed.set()
+
     def on_start(self, fn: Callable[[], Any]) -> None:
         """Runs async `fn` in the server's event loop once it serves (background tasks)."""
         self._starters.append(fn)
@@ -86,25 +103,28 @@ class Runtime:
         self._warmups.append(fn)
 
 
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
-
-
 def connect_redis(settings: argparse.Namespace, wait_s: float = 20.0) -> Client:
     """Connects, retrying for a while: Redis may come up after us (compose, Kubernetes)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client = connect(settings.redis_url, settings.redis_cluster)
+            client = connect(settings.redis_url, settings.redis_cluster, settings.redis_timeout)
             client.ping()
             return client
         except Exception as exc:  # ConnectionError, Unavailable, cluster not ready yet
             if time.monotonic() > deadline:
                 raise Unavailable(f"cannot reach Redis at {redact(settings.redis_url)}: {exc}") from exc
             time.sleep(0.5)
+
+
+def worker_pool(settings: argparse.Namespace, runtime: Runtime, static: dict[str, list[str]], **kwargs: Any):
+    """The WorkerPool a service calls other workers through, with this service's limits and keepalive."""
+    from services.common.workers import WorkerPool
+
+    return WorkerPool(
+        WorkerRegistry(runtime.redis), static, settings.max_message_bytes, keepalive_s=settings.keepalive,
+        keepalive_timeout_s=settings.keepalive_timeout, **kwargs,
+    )  # fmt: skip
 
 
 def make_runtime(settings: argparse.Namespace) -> Runtime:
@@ -115,10 +135,15 @@ def make_runtime(settings: argparse.Namespace) -> Runtime:
 
 async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime) -> None:
     """Serves until SIGTERM/SIGINT, then drains."""
+    if getattr(settings, "torch_threads", 0):
+        import torch  # workers only: the gateway never loads torch
+
+        torch.set_num_threads(settings.torch_threads)
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor()],
-        options=grpc_options(settings.max_message_bytes),
-        maximum_concurrent_rpcs=settings.max_concurrency,
+        # The limit lives in the interceptor, not in grpc's maximum_concurrent_rpcs, which would
+        # refuse health checks too (a Kubernetes probe would restart a merely busy worker).
+        interceptors=[StatusInterceptor(settings.max_concurrency)],
+        options=server_options(settings.max_message_bytes, settings.keepalive, settings.keepalive_timeout),
     )
     mounts = service.build(settings, runtime)
     health_servicer = health.aio.HealthServicer()
@@ -139,8 +164,8 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
         await asyncio.to_thread(warmup)
     for start in runtime._starters:
         await start()
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    readiness = HealthState(health_servicer, ["", *names])
+    await readiness.set_ready()
     log.info(
         "%s serving",
         service.name,
@@ -152,17 +177,27 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     heartbeat = None
+    runtime._changed = asyncio.Event()
     if runtime._worker is not None:
         heartbeat = asyncio.create_task(_heartbeat(runtime, settings, advertised_address(settings, port)))
+    monitor = asyncio.create_task(_watch_redis(settings, readiness, runtime))
     await stop.wait()
 
+    deadline = time.monotonic() + settings.grace_period
     log.info("%s draining", service.name, extra={"grace_period_s": settings.grace_period})
+    monitor.cancel()
     if heartbeat is not None:
         heartbeat.cancel()
         kind, _ = runtime._worker  # type: ignore[misc]
-        await asyncio.to_thread(WorkerRegistry(runtime.redis).withdraw, kind, runtime.worker_id)
+        with contextlib.suppress(*REDIS_DOWN):
+            await asyncio.to_thread(WorkerRegistry(runtime.redis).withdraw, kind, runtime.worker_id)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.grace_period)
+    for drain in runtime._drainers:
+        try:
+            await drain(deadline)
+        except Exception:
+            log.warning("drain hook failed", exc_info=True)
+    await server.stop(max(deadline - time.monotonic(), 0.0))
     for close in runtime._closers:
         result = close()
         if asyncio.iscoroutine(result):
@@ -179,19 +214,62 @@ def advertised_address(settings: argparse.Namespace, port: int) -> str:
     return f"{host}:{port}"
 
 
+class HealthState:
+    """Health of every service name: SERVING only when warm, connected to Redis and not draining."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, names: list[str]):
+        self.servicer = servicer
+        self.names = names
+
+    async def set_ready(self, ready: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.names:
+            await self.servicer.set(name, status)
+
+
+async def _watch_redis(settings: argparse.Namespace, readiness: HealthState, runtime: Runtime, every_s: float = 1.0):
+    """Health follows Redis: NOT_SERVING while it cannot be reached, SERVING again when it answers."""
+    probe = connect(settings.redis_url, "no", timeout_s=min(settings.redis_timeout, 1.0))
+    reachable = True
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(probe.ping)
+            now = True
+        except Exception:
+            now = False
+        if now != reachable:
+            reachable = now
+            if reachable:
+                log.info("Redis is reachable again; serving")
+                runtime.nudge()  # a Redis that lost its data lost our registry record too
+            else:
+                log.warning("Redis is unreachable at %s; health is NOT_SERVING until it returns",
+                            redact(settings.redis_url))  # fmt: skip
+            await readiness.set_ready(reachable)
+
+
 async def _heartbeat(runtime: Runtime, settings: argparse.Namespace, address: str) -> None:
-    """Keeps this worker's registry record fresh; Redis hiccups are logged, not fatal."""
-    assert runtime._worker is not None
+    """Keeps this worker's registry record fresh, and rewrites it soon after its load changes;
+    Redis hiccups are logged, not fatal."""
+    assert runtime._worker is not None and runtime._changed is not None
     kind, describe = runtime._worker
     registry = WorkerRegistry(runtime.redis, ttl_s=settings.registry_ttl)
+    failing = False
     while True:
+        runtime._changed.clear()
         try:
             info = describe(address)
             info.worker_id, info.kind, info.address = runtime.worker_id, kind, address
             await asyncio.to_thread(registry.announce, info)
-        except Exception:
-            log.warning("worker heartbeat failed", exc_info=True)
-        await asyncio.sleep(settings.registry_ttl / 3)
+            failing = False
+        except Exception as exc:
+            if not failing:
+                log.warning("worker heartbeat failed: %s", exc)
+            failing = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime._changed.wait(), settings.registry_ttl / 3)
+        await asyncio.sleep(0.05)  # a burst of changes is one write
 
 
 def main(service: Service, argv: Sequence[str] | None = None) -> int:

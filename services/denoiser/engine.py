@@ -2,7 +2,9 @@
 
 It resolves handles to tensors and images, checks everything a model cannot take (with the
 field named), picks the scheduler and its carried-over state, runs the family's window under
-the model's lock, and writes the result with all the metadata a next stage needs.
+the model's lock, and writes the result with all the metadata a next stage needs. A window with
+an output key checkpoints itself as it goes and resumes an earlier attempt's checkpoint of the
+same request (checkpoints.py); on a drain it hands off at a step boundary.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from PIL import Image
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.blobs import BlobStore
-from services.common.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument
-from services.denoiser import schedulers
+from services.common.errors import Cancelled, DeadlineExceeded, Draining, FailedPrecondition, InvalidArgument
+from services.denoiser import checkpoints, schedulers
 from services.denoiser.cache import ModelCache
+from services.denoiser.checkpoints import CheckpointWriter, WindowCheckpoints
 from services.denoiser.families.base import (
     CONTINUE,
     FROM_NOISE,
@@ -46,15 +49,20 @@ STATE_MEDIA_TYPE = "application/x-safetensors"
 
 
 class EngineHooks(StepHooks):
-    """Cancellation, deadline and progress for one request."""
+    """Cancellation, deadline, hand-off on drain, progress and checkpoints for one request."""
 
     def __init__(self, model: LoadedModel, on_step: Callable[[dpb.StepEvent], None], cancelled: Callable[[], bool],
-                 deadline: float | None, preview_every: int):  # fmt: skip
+                 deadline: float | None, preview_every: int, handoff: Callable[[], bool] = lambda: False,
+                 checkpoints: WindowCheckpoints | None = None,
+                 on_resume: Callable[[int], None] = lambda step: None):  # fmt: skip
         self.model = model
         self.on_step = on_step
         self.cancelled = cancelled
         self.deadline = deadline
         self.preview_every = preview_every
+        self.handoff = handoff
+        self.checkpoints = checkpoints
+        self.on_resume = on_resume
         self.start = time.monotonic()
 
     def before(self, index: int, total: int) -> None:
@@ -62,18 +70,38 @@ class EngineHooks(StepHooks):
             raise Cancelled(f"cancelled before step {index + 1} of {total}")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise DeadlineExceeded(f"deadline passed before step {index + 1} of {total}")
+        if self.handoff():
+            if self.checkpoints is None:
+                raise Draining(f"this worker is shutting down before step {index + 1} of {total}; the window "
+                               "restarts from its first step on another worker")  # fmt: skip
+            if self.checkpoints.can_hand_off():  # else the second half of a Heun step runs first
+                raise self.checkpoints.hand_off()
 
-    def after(self, index: int, total: int, timestep: float, latents: torch.Tensor) -> None:
+    def after(self, index: int, total: int, timestep: float, latents: torch.Tensor, scheduler: Any,
+              preview: Callable[[], torch.Tensor] | None = None) -> None:  # fmt: skip
         event = dpb.StepEvent(step=index + 1, total=total, timestep=timestep, elapsed_s=time.monotonic() - self.start)
+        if self.checkpoints is not None:
+            event.checkpoint = self.checkpoints.after_step(index + 1, total, latents, scheduler)
         if self.preview_every and ((index + 1) % self.preview_every == 0 or index + 1 == total):
-            event.preview_png = self.model.space.preview_png(latents)
+            event.preview_png = self.model.space.preview_png(preview() if preview is not None else latents)
         self.on_step(event)
+
+    def resumed(self, step: int, total: int) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.resumed(step, total)
+        self.on_resume(step)
 
 
 class DenoiseEngine:
-    def __init__(self, store: BlobStore, cache: ModelCache):
+    def __init__(self, store: BlobStore, cache: ModelCache, checkpoint_every: int = 0):
+        """`checkpoint_every`: window steps between checkpoints (0: only at a drain's hand-off); the
+        service's `checkpoint-every` setting says what a good value costs."""
         self.store = store
         self.cache = cache
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be 0 (off) or a step count, got {checkpoint_every}")
+        self.checkpoint_every = checkpoint_every
+        self.writer = CheckpointWriter(store)
 
     # -- Denoise ---------------------------------------------------------------------------
     def denoise(
@@ -82,7 +110,11 @@ class DenoiseEngine:
         on_step: Callable[[dpb.StepEvent], None] = lambda e: None,
         cancelled: Callable[[], bool] = lambda: False,
         deadline: float | None = None,
+        handoff: Callable[[], bool] = lambda: False,
+        on_resume: Callable[[int], None] = lambda step: None,
     ) -> pb.LatentHandle:
+        """Runs the window; `handoff` turning true (a drain) ends it at the next step boundary with
+        Draining, checkpointed when it can resume; `on_resume(k)` says it goes on after step k."""
         if not 0 < req.steps <= MAX_STEPS:
             raise InvalidArgument(f"steps must be in 1..{MAX_STEPS}, got {req.steps}", field="steps")
         window = DenoiseWindow(
@@ -94,10 +126,29 @@ class DenoiseEngine:
         with self.cache.use(req.model) as model:
             incoming = read_latents(self.store, req.latents, req.model, model)
             job, caps = self._job(req, model, window, incoming)
-            hooks = EngineHooks(model, on_step, cancelled, deadline, req.preview_every)
+            saving = self._checkpoints(req, model, job, caps)
+            hooks = EngineHooks(model, on_step, cancelled, deadline, req.preview_every, handoff, saving, on_resume)
             with model.lock, torch.no_grad():
                 result = model.family.run(model, job, hooks)
-            return self._output(req, model, job, caps, result)
+            handle = self._output(req, model, job, caps, result)
+        if saving is not None:
+            saving.finish(self.store)
+        return handle
+
+    def _checkpoints(self, req: dpb.DenoiseRequest, model: LoadedModel, job: WindowJob,
+                     caps: schedulers.SchedulerCaps) -> WindowCheckpoints | None:  # fmt: skip
+        """This window's checkpoints, when it has a name to keep them under and resumes exactly; an
+        earlier attempt's checkpoint of the same request, found there, goes into the job."""
+        if not req.output_key or not checkpoints.resumable(caps):
+            return None
+        name = checkpoints.blob_name(req.output_key)
+        fingerprint = checkpoints.fingerprint(req, model.dtype, model.device)
+        self.writer.settle(name, drop=False)  # a retry on this worker finds its own newest checkpoint
+        found, exists = checkpoints.load(self.store, name, fingerprint, caps)
+        if found is not None:
+            job.resume = found
+            job.seed = found.seed  # the seed the earlier attempt drew, when the request left it to chance
+        return WindowCheckpoints(self.writer, name, fingerprint, caps, self.checkpoint_every, job.seed, exists)
 
     def _mode(self, req: dpb.DenoiseRequest, window: DenoiseWindow, incoming: Incoming | None) -> str:
         has_image = bool(req.image.key)

@@ -3,7 +3,8 @@
 A split is exact when the second window, on a fresh scheduler of the same class and config (`set_timesteps`,
 `set_begin_index`), continues as the unsplit run would: always for stateless schedulers, and for multistep ones
 once their history (`save_state` -> bytes -> `restore_state`) is put back. Schedulers that draw noise in `step()`
-cannot split. The state blob is safetensors: tensors as tensors, structure as JSON metadata, never pickle.
+cannot split. The state blob is safetensors: tensors as tensors, structure as JSON metadata, never pickle; a
+window checkpoint (checkpoints.py) packs the same header and tensors into a blob of its own.
 """
 
 from __future__ import annotations
@@ -92,25 +93,44 @@ def scheduler_from_json(class_name: str, text: str) -> Any:
     return scheduler_class(class_name).from_config(config)
 
 
-def _pack(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+def pack_value(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON spec of `value` (tensors, lists, numbers, None); its tensors go, copied to the CPU, into `tensors`."""
     if isinstance(value, torch.Tensor):
         # A copy: safetensors refuses views that share storage (UniPC's timesteps are views of one tensor).
         tensors[key] = value.detach().to("cpu", copy=True).contiguous()
-        return {"tensor": key}
+        spec: dict[str, Any] = {"tensor": key}
+        if not value.is_contiguous() and _dense(value):
+            # Memory layout changes bits: convolutions on channels-last latents (img2img's) round otherwise.
+            spec["stride"] = list(value.stride())
+        return spec
     if isinstance(value, list):
-        return {"list": [_pack(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+        return {"list": [pack_value(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
     if value is None or isinstance(value, bool | int | float):
         return {"value": value}  # JSON round-trips these exactly (floats by repr)
     raise TypeError(f"cannot carry scheduler state {key!r} of type {type(value).__name__}")
 
 
-def _unpack(spec: dict, tensors: dict[str, torch.Tensor], device: Any) -> Any:
+def unpack_value(spec: dict, tensors: dict[str, torch.Tensor], device: Any) -> Any:
+    """The value `spec` (from pack_value) describes, its tensors on `device` in their saved memory layout."""
     if "tensor" in spec:
         t = tensors[spec["tensor"]]
+        if "stride" in spec:
+            laid = torch.empty_strided(t.shape, spec["stride"], dtype=t.dtype, device=device or t.device)
+            return laid.copy_(t)
         return t.to(device) if device is not None else t
     if "list" in spec:
-        return [_unpack(s, tensors, device) for s in spec["list"]]
+        return [unpack_value(s, tensors, device) for s in spec["list"]]
     return spec["value"]
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t` fills its memory without gaps or overlaps, in some order of its dimensions."""
+    expected = 1
+    for size, stride in sorted((p for p in zip(t.shape, t.stride(), strict=True) if p[0] != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _steps(scheduler: Any) -> int | None:
@@ -118,16 +138,15 @@ def _steps(scheduler: Any) -> int | None:
     return None if timesteps is None else len(timesteps)
 
 
-def save_state(scheduler: Any, caps: SchedulerCaps) -> bytes | None:
-    """The scheduler's multistep state as a safetensors blob, or None when it has none to carry."""
-    if not caps.state:
-        return None
-    tensors: dict[str, torch.Tensor] = {}
+def pack_state(scheduler: Any, caps: SchedulerCaps, tensors: dict[str, torch.Tensor], prefix: str = "") -> dict:
+    """The scheduler's header (class, config, steps, step index, multistep state); its tensors go, copied to the
+    CPU, into `tensors` under `prefix`, so that one safetensors blob can hold them with other tensors."""
     # UniPC sets `this_order` only in its first step.
     state = {
-        n: _pack(getattr(scheduler, n), n, tensors) if hasattr(scheduler, n) else {"absent": True} for n in caps.state
+        n: pack_value(getattr(scheduler, n), prefix + n, tensors) if hasattr(scheduler, n) else {"absent": True}
+        for n in caps.state
     }
-    header = {
+    return {
         "format": _FORMAT,
         "class": type(scheduler).__name__,
         "config": config_json(scheduler),
@@ -135,17 +154,36 @@ def save_state(scheduler: Any, caps: SchedulerCaps) -> bytes | None:
         "step_index": getattr(scheduler, "_step_index", None),
         "state": state,
     }
+
+
+def save_state(scheduler: Any, caps: SchedulerCaps) -> bytes | None:
+    """The scheduler's multistep state as a safetensors blob, or None when it has none to carry."""
+    if not caps.state:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    header = pack_state(scheduler, caps, tensors)
     return save(tensors, metadata={"baton": json.dumps(header)})
+
+
+def read_blob(data: bytes | bytearray, what: str, field: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON header (metadata key "baton") and the tensors of a Baton safetensors blob."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["baton"])
+        tensors = load(bytes(data))
+    except Exception as e:
+        raise DataLoss(f"{what} is not a Baton safetensors blob: {e}", field=field) from e
+    return header, tensors
 
 
 def restore_state(scheduler: Any, caps: SchedulerCaps, data: bytes, device: Any = None) -> None:
     """Put a saved state on a fresh scheduler after `set_timesteps` and `set_begin_index`; tensors go to `device`."""
-    try:
-        size = int.from_bytes(data[:8], "little")
-        header = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["baton"])
-        tensors = load(data)
-    except Exception as e:
-        raise DataLoss(f"scheduler state is not a Baton safetensors blob: {e}", field="scheduler") from e
+    header, tensors = read_blob(data, "scheduler state", "scheduler")
+    apply_state(scheduler, caps, header, tensors, device)
+
+
+def check_state(scheduler: Any, header: dict) -> None:
+    """Raises unless `header` (from pack_state) fits this scheduler now: class, config, schedule, step."""
     if header.get("format") != _FORMAT:
         raise DataLoss(f"scheduler state has format {header.get('format')!r}, expected {_FORMAT!r}", field="scheduler")
     name = type(scheduler).__name__
@@ -166,9 +204,21 @@ def restore_state(scheduler: Any, caps: SchedulerCaps, data: bytes, device: Any 
             f"scheduler state was saved after step {header['step_index']}, but this window begins at step {begin}",
             field="scheduler",
         )
+
+
+def apply_state(scheduler: Any, caps: SchedulerCaps, header: dict, tensors: dict[str, torch.Tensor],
+                device: Any = None) -> None:  # fmt: skip
+    """Puts the state `header` and `tensors` describe (from pack_state) on a scheduler, after checking it fits."""
+    check_state(scheduler, header)
+    values = {}
     for n in caps.state:
         spec = header["state"].get(n)
         if spec is None:
             raise DataLoss(f"scheduler state lacks {n!r}", field="scheduler")
         if "absent" not in spec:
-            setattr(scheduler, n, _unpack(spec, tensors, device))
+            try:
+                values[n] = unpack_value(spec, tensors, device)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise DataLoss(f"scheduler state {n!r} is damaged: {e}", field="scheduler") from e
+    for n, value in values.items():  # all or nothing: a damaged state leaves the scheduler as it was
+        setattr(scheduler, n, value)

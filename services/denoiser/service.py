@@ -8,6 +8,13 @@ from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.config import Setting, parse_bool, service_settings
 from services.common.server import Mount, Service
 
+# Measured with `python -m bench.checkpoint` (medium SD 1.x UNet, 64x64 latents, DPM++ state, 2 CPU
+# threads, 1.7 s a step): one checkpoint costs 0.3 ms on the denoise thread (0.02% of a step) and
+# 2.2 ms on the writer thread (0.13%), so every 5 steps costs under 0.03% of a step here, and stays
+# under 1% on a device whose step takes 50 ms or more even if the writer's work stalled the loop.
+# A worker that dies loses at most 4 steps; a drain loses none (it checkpoints at hand-off).
+DEFAULT_CHECKPOINT_EVERY = 5
+
 SETTINGS = service_settings(
     port=50052,
     metrics_port=9152,
@@ -24,6 +31,9 @@ SETTINGS = service_settings(
                 parse_bool),
         Setting("load-on-demand", True, "load a model a request names; off serves only loaded models", parse_bool),
         Setting("concurrency", 1, "denoise jobs run at once (each holds its model's lock)", int),
+        Setting("checkpoint-every", DEFAULT_CHECKPOINT_EVERY,
+                "window steps between checkpoints of a window with an output key, so a retry resumes it "
+                "where it stopped; 0 = off (a drain still checkpoints at hand-off)", int),
     ),
 )  # fmt: skip
 
@@ -41,6 +51,7 @@ def parse_aliases(text: str) -> dict[str, str]:
 def build(settings, runtime) -> list[Mount]:
     import torch
 
+    from services.common.admission import WorkSlots
     from services.denoiser.cache import ModelCache
     from services.denoiser.codec import VaeCodec
     from services.denoiser.engine import DenoiseEngine
@@ -61,6 +72,8 @@ def build(settings, runtime) -> list[Mount]:
         offload_idle=settings.offload_idle,
         load_on_demand=settings.load_on_demand,
     )
+    if settings.checkpoint_every < 0:
+        raise SystemExit(f"BATON_CHECKPOINT_EVERY: 0 (off) or a step count, got {settings.checkpoint_every}")
     executor = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="denoise")
     # Preloading runs on the denoise thread too: every thread that runs torch ops gets an
     # OpenMP team of its own, and teams left on other threads slow the windows down.
@@ -68,8 +81,11 @@ def build(settings, runtime) -> list[Mount]:
         runtime.before_serving(lambda name=name: executor.submit(cache.load, name).result())
     runtime.before_serving(lambda: inspect_aliases(cache))
     runtime.on_shutdown(lambda: executor.shutdown(wait=False, cancel_futures=True))
-    servicer = DenoiserServicer(DenoiseEngine(runtime.store, cache), VaeCodec(runtime.store, cache), cache, executor)
+    engine = DenoiseEngine(runtime.store, cache, checkpoint_every=settings.checkpoint_every)
+    slots = WorkSlots(settings.concurrency, settings.max_queued, on_change=runtime.nudge)
+    servicer = DenoiserServicer(engine, VaeCodec(runtime.store, cache), cache, executor, slots)
     runtime.advertise("denoiser", servicer.worker_info)
+    runtime.on_drain(servicer.drain)
     return [Mount(servicer, denoiser_pb2_grpc.add_DenoiserServicer_to_server, "baton.v1.Denoiser")]
 
 

@@ -1,18 +1,27 @@
-"""The Denoiser gRPC servicer: a few lines per RPC over DenoiseEngine and VaeCodec."""
+"""The Denoiser gRPC servicer: a few lines per RPC over DenoiseEngine and VaeCodec.
+
+Denoise, Encode and Decode take one of the worker's slots (WorkSlots: `concurrency` running,
+`max-queued` waiting, Busy beyond). A Denoise call says what it waits for (queued, preparing)
+every few seconds until its first step; from then on its step events are the proof of progress.
+On SIGTERM the drain refuses what waits, lets running windows finish while the grace period
+allows, then has each hand off at its next step boundary, checkpointed for another worker.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Counter
 
+from services.common.admission import Ticket, WorkSlots
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.api.baton.v1 import workers_pb2 as wpb
-from services.common.errors import Cancelled, DeadlineExceeded
+from services.common.errors import Cancelled, DeadlineExceeded, Draining
 from services.denoiser.cache import AVAILABLE, OFFLOADED, READY, ModelCache
 from services.denoiser.codec import VaeCodec
 from services.denoiser.engine import DenoiseEngine
@@ -20,15 +29,31 @@ from services.denoiser.models import LoadedModel, ModelCard, card_of, parse_dtyp
 
 STEPS = Counter("baton_denoise_steps", "Denoising steps run")
 WINDOWS = Counter("baton_denoise_windows", "Denoise windows by outcome", ["outcome"])
+log = logging.getLogger("baton.denoiser")
+
+# Seconds between WindowStatus events while a call waits for a slot or prepares its window.
+STATUS_EVERY_S = 2.0
+# At most this long before the drain deadline, running windows hand off instead of finishing.
+HANDOFF_MARGIN_S = 5.0
+
+
+def status(phase: str, *, queue_position: int = 0, resumed_from: int = 0) -> dpb.DenoiseEvent:
+    return dpb.DenoiseEvent(
+        status=dpb.WindowStatus(phase=phase, queue_position=queue_position, resumed_from=resumed_from)
+    )
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, engine: DenoiseEngine, codec: VaeCodec, cache: ModelCache, executor: ThreadPoolExecutor):
+    def __init__(self, engine: DenoiseEngine, codec: VaeCodec, cache: ModelCache, executor: ThreadPoolExecutor,
+                 slots: WorkSlots):  # fmt: skip
         self.engine = engine
         self.codec = codec
         self.cache = cache
         self.executor = executor
-        self.in_flight = 0
+        # Denoise, Encode and Decode share the executor, so they share its slots and queue.
+        self.slots = slots
+        # Set late in a drain: every running window hands off at its next step boundary.
+        self.handoff = threading.Event()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -39,29 +64,65 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         return wpb.WorkerInfo(
             models=[model_info(card, state, loaded.get(card.name)) for card, state in self.cache.cards()],
             load_on_demand=self.cache.load_on_demand,
-            in_flight=self.in_flight,
-            capacity=self.executor._max_workers,
+            in_flight=self.slots.running,
+            queued=self.slots.queued,
+            capacity=self.slots.capacity,
+            max_queued=self.slots.max_queued,
             device=self.cache.defaults.device,
-            accepting=True,
+            accepting=not self.slots.draining,
         )
 
+    async def drain(self, deadline: float) -> None:
+        """SIGTERM: refuse what waits, let running windows finish while there is time, then hand each
+        off at its next step boundary (checkpointed when it can resume) and wait for them until `deadline`."""
+        self.slots.drain()
+        margin = min(HANDOFF_MARGIN_S, max(deadline - time.monotonic(), 0.0) / 3)
+        if await self.slots.wait_idle(deadline - margin - time.monotonic()):
+            return
+        log.info("handing off the running windows", extra={"running": self.slots.running})
+        self.handoff.set()
+        await self.slots.wait_idle(deadline - time.monotonic())
+
     async def Denoise(self, request, context):
+        ticket = self.slots.enter("denoise window")  # refused here, before any work, when full or draining
+        try:
+            if not ticket.granted:
+                yield status("queued", queue_position=ticket.position)
+                while not await ticket.turn(STATUS_EVERY_S):
+                    yield status("queued", queue_position=ticket.position)
+        except BaseException:
+            ticket.release()
+            raise
+        async for event in self._window(request, context, ticket):
+            yield event
+
+    async def _window(self, request, context, ticket: Ticket):
+        """The window on the executor, its events as they come; the slot is freed when the work ends."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         started = time.monotonic()
+        resumed_from = 0
 
         def on_step(event: dpb.StepEvent) -> None:
             STEPS.inc()
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            loop.call_soon_threadsafe(events.put_nowait, dpb.DenoiseEvent(step=event))
+
+        def on_resume(step: int) -> None:
+            nonlocal resumed_from
+            resumed_from = step
+            loop.call_soon_threadsafe(events.put_nowait, status("preparing", resumed_from=step))
 
         def run():
             try:
-                latents = self.engine.denoise(request, on_step, stop.is_set, deadline)
+                latents = self.engine.denoise(request, on_step, stop.is_set, deadline, self.handoff.is_set, on_resume)
             except (Cancelled, DeadlineExceeded):
                 WINDOWS.labels("cancelled").inc()
+                raise
+            except Draining:
+                WINDOWS.labels("handed_off").inc()
                 raise
             except BaseException:
                 WINDOWS.labels("error").inc()
@@ -70,27 +131,46 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             return latents
 
         work = loop.run_in_executor(self.executor, run)
-        self.in_flight += 1
+
+        def ended(done: asyncio.Future) -> None:
+            # Not before: a window whose client went away runs to its next step boundary first.
+            ticket.release()
+            if not done.cancelled():
+                done.exception()  # retrieved here when nobody waits for it any more (the client left)
+
+        work.add_done_callback(ended)
         try:
+            yield status("preparing")
+            # Until the first step, a status every few seconds says the worker is alive; after it,
+            # only step events prove progress.
+            stepped = False
             while not work.done() or not events.empty():
                 waiter = asyncio.ensure_future(events.get())
-                await asyncio.wait({waiter, work}, return_when=asyncio.FIRST_COMPLETED)
+                timeout = None if stepped else STATUS_EVERY_S
+                await asyncio.wait({waiter, work}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if waiter.done():
-                    yield dpb.DenoiseEvent(step=waiter.result())
+                    event = waiter.result()
+                    stepped = stepped or event.HasField("step")
+                    yield event
                 else:
                     waiter.cancel()
+                    if not work.done() and not stepped:
+                        yield status("preparing", resumed_from=resumed_from)
             latents = work.result()
-            yield dpb.DenoiseEvent(result=dpb.DenoiseResult(latents=latents, elapsed_s=time.monotonic() - started))
+            result = dpb.DenoiseResult(latents=latents, elapsed_s=time.monotonic() - started,
+                                       resumed_from=resumed_from)  # fmt: skip
+            yield dpb.DenoiseEvent(result=result)
         finally:
             # A client that went away (or a passed deadline) stops the window at its next step.
             stop.set()
-            self.in_flight -= 1
 
     async def Encode(self, request, context):
-        return dpb.EncodeResponse(latents=await self._run(self.codec.encode, request))
+        async with self.slots.admit("encode"):
+            return dpb.EncodeResponse(latents=await self._run(self.codec.encode, request))
 
     async def Decode(self, request, context):
-        return await self._run(self.codec.decode, request)
+        async with self.slots.admit("decode"):
+            return await self._run(self.codec.decode, request)
 
     async def ListModels(self, request, context):
         loaded = {m.name: m for m, _ in self.cache.entries()}

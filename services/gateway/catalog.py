@@ -10,7 +10,10 @@ from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc, processor_pb2_grpc
 from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.errors import BatonError, InvalidArgument, NotFound, Unavailable
-from services.common.workers import WorkerPool
+from services.common.workers import Worker, WorkerPool
+
+# A lookup never waits longer than this, whatever the caller's deadline.
+LOOKUP_S = 60.0
 
 
 class ModelCatalog:
@@ -22,7 +25,7 @@ class ModelCatalog:
         self._asked: dict[str, tuple[float, dpb.ModelInfo]] = {}
         self._processors: tuple[float, dict[str, ppb.ProcessorInfo]] | None = None
 
-    async def resolve(self, name: str) -> dpb.ModelInfo:
+    async def resolve(self, name: str, deadline: float) -> dpb.ModelInfo:
         workers = await self.pool.workers("denoiser")
         for worker in workers:
             for info in worker.info.models if worker.info else ():
@@ -31,43 +34,49 @@ class ModelCatalog:
         hit = self._asked.get(name)
         if hit and time.monotonic() - hit[0] < self.ttl_s:
             return hit[1]
-        askable = [w for w in workers if w.info is None or w.info.load_on_demand]
-        if not askable:
+        if workers and not any(w.serves(name) for w in workers):
             known = sorted({m.name for w in workers if w.info for m in w.info.models})
             raise InvalidArgument(f"unknown model {name!r}; the denoisers serve: {', '.join(known) or 'none'}")
-        for worker in askable:
-            stub = denoiser_pb2_grpc.DenoiserStub(self.pool.channel(worker.address))
-            try:
-                info = await stub.InspectModel(dpb.InspectModelRequest(model=name), timeout=60)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    continue
-                raise InvalidArgument(exc.details() or f"unknown model {name!r}") from exc
-            self._asked[name] = (time.monotonic(), info)
-            return info
-        raise Unavailable(f"no denoiser answered about model {name!r}")
 
-    async def processors(self) -> dict[str, ppb.ProcessorInfo]:
+        async def inspect(channel, worker: Worker, timeout: float) -> dpb.ModelInfo:
+            stub = denoiser_pb2_grpc.DenoiserStub(channel)
+            return await stub.InspectModel(dpb.InspectModelRequest(model=name), timeout=timeout)
+
+        try:
+            info = await self.pool.call("denoiser", inspect, deadline=min(deadline, time.time() + LOOKUP_S),
+                                        model=name, what=f"looking up model {name!r}", light=True,
+                                        wait_s=0)  # fmt: skip
+        except grpc.aio.AioRpcError as exc:
+            raise InvalidArgument(exc.details() or f"unknown model {name!r}") from exc
+        except BatonError as exc:
+            raise Unavailable(f"no denoiser answered about model {name!r}: {exc}") from exc
+        self._asked[name] = (time.monotonic(), info)
+        return info
+
+    async def processors(self, deadline: float) -> dict[str, ppb.ProcessorInfo]:
         """The processors a processor worker declares (empty when none is available)."""
         if self._processors and time.monotonic() - self._processors[0] < self.ttl_s:
             return self._processors[1]
+
+        async def listing(channel, worker: Worker, timeout: float) -> ppb.ListProcessorsResponse:
+            stub = processor_pb2_grpc.ProcessorStub(channel)
+            return await stub.ListProcessors(ppb.ListProcessorsRequest(), timeout=timeout)
+
         try:
-            worker = await self.pool.pick("processor")
-            reply = await processor_pb2_grpc.ProcessorStub(self.pool.channel(worker.address)).ListProcessors(
-                ppb.ListProcessorsRequest(), timeout=30
-            )
-        except (Unavailable, grpc.aio.AioRpcError):
+            reply = await self.pool.call("processor", listing, deadline=min(deadline, time.time() + LOOKUP_S),
+                                         what="listing processors", light=True, wait_s=0)  # fmt: skip
+        except (BatonError, grpc.aio.AioRpcError):
             return {}
         infos = {p.name: p for p in reply.processors}
         self._processors = (time.monotonic(), infos)
         return infos
 
-    async def resolve_all(self, names: set[str]) -> dict[str, dpb.ModelInfo | BatonError]:
+    async def resolve_all(self, names: set[str], deadline: float) -> dict[str, dpb.ModelInfo | BatonError]:
         """Each name's info, or the error to report at the stage that names it."""
         out: dict[str, dpb.ModelInfo | BatonError] = {}
         for name in names:
             try:
-                out[name] = await self.resolve(name)
+                out[name] = await self.resolve(name, deadline)
             except (InvalidArgument, NotFound) as exc:
                 out[name] = exc
         return out

@@ -1,12 +1,19 @@
-"""JobStore: job records, their event streams, leases and the job index, in Redis.
+"""JobStore: job records, their event streams, the shared queue, leases and the job index, in Redis.
 
-Keys (a job's keys share the hash tag {id}, so they live on one Redis Cluster slot):
-  <p>:job:{id}            the Job (serialized protobuf), expiring after the retention
+Keys (a job's keys share the hash tag {id}, so they live on one Redis Cluster slot; every
+script below touches one job's keys only):
+  <p>:job:{id}            hash: `pb` the Job (serialized protobuf), `state` its JobState;
+                          expires after the retention. Once a job is terminal its record is
+                          never rewritten, so a Cancel and a late finish cannot undo each other.
   <p>:job:{id}:events     a Redis Stream of JobEvents: Watch resumes from an entry id
-  <p>:job:{id}:lease      which gateway runs the job; it expires if that gateway dies
-  <p>:job:{id}:cancel     set by Cancel on any replica; the running gateway polls it
-  <p>:jobs                sorted set of job ids by creation time (List)
-  <p>:jobs:active         job ids not yet finished (takeover after a gateway dies)
+  <p>:job:{id}:lease      which gateway runs the job; it expires if that gateway stops renewing
+  <p>:job:{id}:cancel     set by Cancel on any replica, kept for the retention; honoured by
+                          whichever gateway runs the job, at takeover and before each stage
+  <p>:jobs                sorted set of job ids by creation time (List), trimmed to the retention
+  <p>:jobs:active         job ids not yet finished (for takeover and expiry)
+  <p>:queue               sorted set of jobs waiting for a gateway, by submission time: every
+                          replica takes from it, oldest first
+  <p>:queue:deadlines     the same jobs by deadline, so an expired queued job is found cheaply
   <p>:idem:{key}          idempotency key -> job id
 """
 
@@ -24,6 +31,46 @@ from services.common.errors import NotFound
 TERMINAL = frozenset({jpb.JOB_STATE_SUCCEEDED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED})
 STREAM_MAXLEN = 100_000
 
+# Save outcomes.
+SAVED, ALREADY_ENDED, RECORD_LOST = 1, 0, -1
+
+# KEYS[1] record; ARGV: job bytes, state, ttl ms, "1" when the record must already exist.
+# A terminal record is never overwritten; a missing one that should exist was lost (a Redis
+# that restarted without persistence), which the caller reports instead of recreating.
+_SAVE_LUA = f"""
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  if ARGV[4] == '1' then return {RECORD_LOST} end
+elseif {" or ".join(f"state == '{s}'" for s in sorted(TERMINAL))} then
+  return {ALREADY_ENDED}
+end
+redis.call('HSET', KEYS[1], 'pb', ARGV[1], 'state', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {SAVED}
+"""
+
+# Lease outcomes.
+RENEWED, LEASE_GONE, LEASE_TAKEN = 1, 0, -1
+
+# KEYS[1] lease; ARGV: owner, ttl ms. Compare and extend in one step.
+_RENEW_LUA = f"""
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {RENEWED}
+end
+if not owner then return {LEASE_GONE} end
+return {LEASE_TAKEN}
+"""
+
+# KEYS[1] lease; ARGV: owner. Deletes the lease only if it is still ours.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 def now_ts() -> Timestamp:
     ts = Timestamp()
@@ -35,11 +82,19 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def deadline_of(job: jpb.Job, default_timeout_s: float) -> float:
+    """The job's deadline as a time.time()."""
+    return job.created_at.ToNanoseconds() / 1e9 + (job.spec.timeout_s or default_timeout_s)
+
+
 class JobStore:
     def __init__(self, client: Any, *, prefix: str = "baton", retention_s: float = 86400.0):
         self.redis = client
         self.prefix = prefix
         self.retention_s = retention_s
+        self._save = client.register_script(_SAVE_LUA)
+        self._renew = client.register_script(_RENEW_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
 
     def _key(self, job_id: str, part: str = "") -> str:
         return f"{self.prefix}:job:{{{job_id}}}" + (f":{part}" if part else "")
@@ -52,38 +107,53 @@ class JobStore:
     def _active(self) -> str:
         return f"{self.prefix}:jobs:active"
 
+    @property
+    def _queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    @property
+    def _deadlines(self) -> str:
+        return f"{self.prefix}:queue:deadlines"
+
     def _ttl_ms(self) -> int:
         return int(self.retention_s * 1000)
 
     # -- records ---------------------------------------------------------------------------
-    async def create(self, spec: jpb.JobSpec, idempotency_key: str = "") -> tuple[jpb.Job, bool]:
-        """A new queued job, or the job an earlier Submit with the same key made."""
-        job_id = uuid.uuid4().hex
+    async def create(self, job: jpb.Job, idempotency_key: str, deadline: float) -> tuple[jpb.Job, bool]:
+        """Records and queues `job`, or returns the job an earlier Submit with the same key made."""
         if idempotency_key:
             idem = f"{self.prefix}:idem:{{{idempotency_key}}}"
-            if not await self.redis.set(idem, job_id, nx=True, px=self._ttl_ms()):
-                existing = _text(await self.redis.get(idem))
-                return await self.get(existing), False
-        created = now_ts()
-        expires = Timestamp(seconds=created.seconds + int(self.retention_s))
-        job = jpb.Job(
-            id=job_id, spec=spec, state=jpb.JOB_STATE_QUEUED, idempotency_key=idempotency_key,
-            created_at=created, expires_at=expires,
-        )  # fmt: skip
-        await self.save(job)
-        await self.redis.zadd(self._index, {job_id: time.time()})
-        await self.redis.sadd(self._active, job_id)
-        await self.append(job_id, jpb.JobEvent(job_state=jpb.JOB_STATE_QUEUED))
+            if not await self.redis.set(idem, job.id, nx=True, px=self._ttl_ms()):
+                return await self.get(_text(await self.redis.get(idem))), False
+        job.state = jpb.JOB_STATE_QUEUED
+        job.created_at.CopyFrom(now_ts())
+        job.expires_at.CopyFrom(Timestamp(seconds=job.created_at.seconds + int(self.retention_s)))
+        await self.save(job, must_exist=False)
+        created = job.created_at.ToNanoseconds() / 1e9
+        await self.append(job.id, jpb.JobEvent(job_state=jpb.JOB_STATE_QUEUED))
+        await self.redis.zadd(self._index, {job.id: created})
+        await self.redis.zremrangebyscore(self._index, "-inf", time.time() - self.retention_s)
+        await self.redis.sadd(self._active, job.id)
+        await self.enqueue(job.id, created, deadline)
         return job, True
 
+    @staticmethod
+    def new_job(spec: jpb.JobSpec, idempotency_key: str = "") -> jpb.Job:
+        return jpb.Job(id=uuid.uuid4().hex, spec=spec, idempotency_key=idempotency_key)
+
     async def get(self, job_id: str) -> jpb.Job:
-        raw = await self.redis.get(self._key(job_id)) if job_id else None
+        raw = await self.redis.hget(self._key(job_id), "pb") if job_id else None
         if raw is None:
             raise NotFound(f"job {job_id!r} does not exist or has expired", field="job_id")
         return jpb.Job.FromString(raw)
 
-    async def save(self, job: jpb.Job) -> None:
-        await self.redis.set(self._key(job.id), job.SerializeToString(), px=self._ttl_ms())
+    async def exists(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self._key(job_id)))
+
+    async def save(self, job: jpb.Job, *, must_exist: bool = True) -> int:
+        """SAVED, ALREADY_ENDED (a terminal record stays as it is) or RECORD_LOST."""
+        args = [job.SerializeToString(), int(job.state), self._ttl_ms(), "1" if must_exist else "0"]
+        return int(await self._save(keys=[self._key(job.id)], args=args))
 
     async def list_jobs(self, state: int, page_size: int, page_token: str) -> tuple[list[jpb.Job], str]:
         """Newest first; the token is an offset into the index."""
@@ -115,8 +185,10 @@ class JobStore:
         return _text(entry)
 
     async def events(self, job_id: str, after: str, block_ms: int = 1000) -> list[jpb.JobEvent]:
-        """Events after entry id `after` ("0" for all), waiting up to block_ms for new ones."""
-        reply = await self.redis.xread({self._key(job_id, "events"): after or "0"}, count=500, block=block_ms)
+        """Events after entry id `after` ("0" for all), waiting up to block_ms for new ones (0: no wait)."""
+        streams = {self._key(job_id, "events"): after or "0"}
+        # XREAD's BLOCK 0 would wait forever; no BLOCK at all answers at once.
+        reply = await self.redis.xread(streams, count=500, block=block_ms if block_ms > 0 else None)
         out = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -125,27 +197,67 @@ class JobStore:
                 out.append(event)
         return out
 
-    # -- running, cancelling, taking over --------------------------------------------------
+    # -- the shared queue ------------------------------------------------------------------
+    async def enqueue(self, job_id: str, submitted: float, deadline: float) -> None:
+        """Queues a job at its submission time (a re-queued job keeps its place)."""
+        await self.redis.zadd(self._queue, {job_id: submitted}, nx=True)
+        await self.redis.zadd(self._deadlines, {job_id: deadline})
+
+    async def dequeue(self, job_id: str) -> None:
+        await self.redis.zrem(self._queue, job_id)
+        await self.redis.zrem(self._deadlines, job_id)
+
+    async def queue_head(self, count: int) -> list[tuple[str, float]]:
+        """The oldest `count` queued jobs with their submission times."""
+        return [(_text(i), float(s)) for i, s in await self.redis.zrange(self._queue, 0, count - 1, withscores=True)]
+
+    async def queued_past(self, now: float) -> list[str]:
+        """Queued jobs whose deadline has passed."""
+        return [_text(i) for i in await self.redis.zrangebyscore(self._deadlines, "-inf", now)]
+
+    async def position(self, job_id: str) -> int:
+        """1-based place in the queue; 0 when not queued."""
+        rank = await self.redis.zrank(self._queue, job_id)
+        return 0 if rank is None else int(rank) + 1
+
+    async def is_queued(self, job_id: str) -> bool:
+        return await self.redis.zscore(self._queue, job_id) is not None
+
+    async def submitted_at(self, job_id: str) -> float | None:
+        score = await self.redis.zscore(self._index, job_id)
+        return None if score is None else float(score)
+
+    # -- leases, cancelling, bookkeeping ---------------------------------------------------
     async def acquire(self, job_id: str, owner: str, lease_s: float) -> bool:
         return bool(await self.redis.set(self._key(job_id, "lease"), owner, nx=True, px=int(lease_s * 1000)))
 
-    async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
-        key = self._key(job_id, "lease")
-        if _text(await self.redis.get(key) or b"") != owner:
-            return False
-        await self.redis.pexpire(key, int(lease_s * 1000))
-        return True
+    async def renew(self, job_id: str, owner: str, lease_s: float) -> int:
+        """RENEWED, LEASE_GONE or LEASE_TAKEN (another gateway holds it)."""
+        return int(await self._renew(keys=[self._key(job_id, "lease")], args=[owner, int(lease_s * 1000)]))
 
-    async def release(self, job_id: str) -> None:
+    async def holder(self, job_id: str) -> str | None:
+        raw = await self.redis.get(self._key(job_id, "lease"))
+        return None if raw is None else _text(raw)
+
+    async def drop_lease(self, job_id: str, owner: str) -> None:
+        """Lets another gateway take the job now rather than when the lease lapses."""
+        await self._release(keys=[self._key(job_id, "lease")], args=[owner])
+
+    async def release(self, job_id: str, owner: str) -> None:
+        """A finished job leaves the queue and the active set, then its lease goes."""
+        await self.dequeue(job_id)
         await self.redis.srem(self._active, job_id)
-        await self.redis.unlink(self._key(job_id, "lease"))
-
-    async def drop_lease(self, job_id: str) -> None:
-        """Lets another gateway take the job over now rather than when the lease lapses."""
-        await self.redis.unlink(self._key(job_id, "lease"))
+        await self.drop_lease(job_id, owner)
 
     async def active(self) -> list[str]:
         return [_text(i) for i in await self.redis.smembers(self._active)]
+
+    async def forget(self, job_id: str) -> bool:
+        """Removes an expired job's id from the active set, the queue and the index; True for the
+        one caller (of all replicas) that removed it from the active set."""
+        await self.dequeue(job_id)
+        await self.redis.zrem(self._index, job_id)
+        return bool(await self.redis.srem(self._active, job_id))
 
     async def request_cancel(self, job_id: str, reason: str) -> None:
         await self.redis.set(self._key(job_id, "cancel"), reason or "cancelled by the client", px=self._ttl_ms())

@@ -2,6 +2,8 @@
 
 Every rejection is an InvalidArgument naming the stage and the field, and saying what would
 be accepted. The denoiser re-checks what concerns it; this is the first line of defence.
+A stage kind that no worker serves right now is Unavailable, not the spec's fault: the same
+spec runs once workers of that kind are up.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.api.baton.v1.interposer_pb2 import CONVERSION_METHOD_VAE
-from services.common.errors import BatonError, InvalidArgument
+from services.common.errors import BatonError, InvalidArgument, Unavailable
 from services.common.job_files import OUTPUT_FORMATS
 from services.common.latent_spaces import SPACES
 from services.common.processor_uri import check_chains
@@ -88,6 +90,19 @@ def uses_processors(spec: jpb.JobSpec) -> bool:
     return False
 
 
+def ready_stages(spec: jpb.JobSpec, done: set[str]) -> list[tuple[str, str]]:
+    """(worker kind, model) of each stage not in `done` whose inputs are all ready: what a job needs next."""
+    names = {s.name for s in spec.stages}
+    out = []
+    for stage in spec.stages:
+        kind = stage_kind(stage)
+        if stage.name in done or kind not in WORKER_FOR:
+            continue
+        if {ref for _, ref, _ in _refs(stage) if ref in names} <= done:
+            out.append((WORKER_FOR[kind], getattr(getattr(stage, kind), "model", "")))
+    return out
+
+
 def _refs(stage: jpb.StageSpec) -> list[tuple[str, str, str]]:
     """(field, referenced name, wanted product) for each input of a stage."""
     kind = stage_kind(stage)
@@ -125,8 +140,10 @@ class Planner:
             if kind not in KINDS:
                 raise InvalidArgument(f"a stage needs one of: {', '.join(KINDS)}", stage=stage.name, field="kind")
             if WORKER_FOR[kind] not in self.worker_kinds:
-                raise InvalidArgument(
-                    f"no {WORKER_FOR[kind]} service is available to run {kind} stages", stage=stage.name, field=kind
+                raise Unavailable(
+                    f"no {WORKER_FOR[kind]} worker is registered to run {kind} stages; try again once one is up",
+                    stage=stage.name,
+                    field=kind,
                 )
             stages[stage.name] = PlannedStage(stage.name, kind, stage)
         for planned in stages.values():
@@ -218,8 +235,8 @@ class Planner:
                                   field="denoise.num_images")  # fmt: skip
         batch = self._batch(body, products, name)
         if (body.latents_processors or body.output_processors) and "processor" not in self.worker_kinds:
-            raise InvalidArgument("no processor service is available to run latents processors", stage=name,
-                                  field="denoise.latents_processors")  # fmt: skip
+            raise Unavailable("no processor worker is registered to run latents processors; try again once one "
+                              "is up", stage=name, field="denoise.latents_processors")  # fmt: skip
         for fld in ("latents_processors", "output_processors"):
             if getattr(body, fld):
                 self._chains(list(getattr(body, fld)), 1, name, f"denoise.{fld}")

@@ -15,8 +15,27 @@ SETTINGS = service_settings(
         Setting("job-retention", 86400.0, "seconds jobs, their events and their stage outputs are kept", float),
         Setting("job-lease", 10.0, "seconds before another gateway takes over a job whose gateway stopped", float),
         Setting("job-timeout", 3600.0, "default whole-job deadline in seconds (a spec's timeout_s wins)", float),
-        Setting("max-running-jobs", 64, "jobs this gateway runs at once; the rest wait queued", int),
-        Setting("stage-attempts", 3, "tries of a stage whose worker is UNAVAILABLE, each on another worker", int),
+        Setting("max-running-jobs", 64, "jobs this gateway runs at once; the rest wait queued (for any replica)", int),
+        Setting(
+            "stage-attempts",
+            3,
+            "tries of a stage whose worker died, froze or stalled while running it, each "
+            "on another worker; busy or draining workers are waited out and never count",
+            int,
+        ),
+        Setting(
+            "stall-timeout",
+            30.0,
+            "seconds a denoise window may send no step event (at least; 10x the model's "
+            "recent step time when that is longer) before it is cancelled and retried elsewhere",
+            float,
+        ),
+        Setting(
+            "worker-wait",
+            300.0,
+            "seconds a stage waits for a worker of its kind to register before it fails (within the job's deadline)",
+            float,
+        ),
         Setting("max-blob-bytes", 256 << 20, "largest PutBlob upload", int),
         Setting("denoisers", "", "static denoiser addresses (comma-separated), besides the worker registry"),
         Setting("interposers", "", "static interposer addresses, besides the worker registry"),
@@ -31,25 +50,27 @@ def _addresses(text: str) -> list[str]:
 
 def build(settings, runtime) -> list[Mount]:
     from services.common.redis_conn import connect_async
-    from services.common.registry import WorkerRegistry
-    from services.common.workers import WorkerPool
+    from services.common.server import worker_pool
     from services.gateway.catalog import ModelCatalog
     from services.gateway.jobs import JobStore
     from services.gateway.orchestrator import Orchestrator
     from services.gateway.servicer import GatewayServicer
 
-    jobs = JobStore(connect_async(settings.redis_url, settings.redis_cluster), retention_s=settings.job_retention)
+    redis = connect_async(settings.redis_url, settings.redis_cluster, settings.redis_timeout)
+    jobs = JobStore(redis, retention_s=settings.job_retention)
     static = {
         "denoiser": _addresses(settings.denoisers),
         "interposer": _addresses(settings.interposers),
         "processor": _addresses(settings.processors),
     }
-    pool = WorkerPool(WorkerRegistry(runtime.redis), static, settings.max_message_bytes)
+    pool = worker_pool(settings, runtime, static, worker_wait_s=settings.worker_wait, attempts=settings.stage_attempts)
     orchestrator = Orchestrator(
-        jobs, runtime.store, pool, ModelCatalog(pool), lease_s=settings.job_lease, max_attempts=settings.stage_attempts,
+        jobs, runtime.store, pool, ModelCatalog(pool), lease_s=settings.job_lease,
         max_running=settings.max_running_jobs, job_timeout_s=settings.job_timeout,
+        stall_timeout_s=settings.stall_timeout,
     )  # fmt: skip
     runtime.on_start(orchestrator.start)
+    runtime.on_drain(orchestrator.drain)
     runtime.on_shutdown(orchestrator.stop)
     runtime.on_shutdown(pool.close)
     servicer = GatewayServicer(orchestrator, jobs, runtime.store, settings.max_blob_bytes)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import gateway_pb2_grpc
+from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.blobs import TENSOR, BlobStore
 from services.common.errors import InvalidArgument
 from services.gateway.jobs import TERMINAL, JobStore
@@ -22,10 +24,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.max_blob_bytes = max_blob_bytes
 
     async def Submit(self, request, context):
-        return await self.orchestrator.submit(request.spec, request.idempotency_key)
+        return await self.orchestrator.submit(request.spec, request.idempotency_key, _deadline(context))
 
     async def Run(self, request, context):
-        job = await self.orchestrator.submit(request.spec, request.idempotency_key)
+        job = await self.orchestrator.submit(request.spec, request.idempotency_key, _deadline(context))
         async for event in self._events(job.id, ""):
             yield event
 
@@ -35,26 +37,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             yield event
 
     async def _events(self, job_id: str, after: str):
-        """The job's events after `after`, until (and including) the one that ends it."""
-        cursor = after or "0"
+        """The job's events after `after`, until (and including) the one that ends it; while the
+        job is queued, its place whenever that changes."""
+        cursor, place = after or "0", -1
         while True:
-            for event in await self.jobs.events(job_id, cursor):
+            batch = await self.jobs.events(job_id, cursor, block_ms=0 if place < 0 else 1000)
+            for event in batch:
                 cursor = event.id
                 yield event
                 if event.WhichOneof("event") == "job_state" and event.job_state in TERMINAL:
                     return
             job = await self.jobs.get(job_id)
-            if job.state in TERMINAL and not await self.jobs.events(job_id, cursor, block_ms=0):
+            if job.state in TERMINAL and not batch and not await self.jobs.events(job_id, cursor, block_ms=0):
                 return  # ended before this watch's cursor (e.g. resumed after the last event)
+            now = await self.jobs.position(job_id) if job.state == jpb.JOB_STATE_QUEUED else 0
+            if now and now != place:
+                yield jpb.JobEvent(id=cursor, job_id=job_id, queue=jpb.QueueStatus(position=now))
+            place = now
 
     async def Get(self, request, context):
-        return await self.jobs.get(request.job_id)
+        return await self.orchestrator.with_position(await self.jobs.get(request.job_id))
 
     async def Cancel(self, request, context):
         return await self.orchestrator.cancel(request.job_id, request.reason)
 
     async def List(self, request, context):
         jobs, token = await self.jobs.list_jobs(request.state, request.page_size, request.page_token)
+        jobs = [await self.orchestrator.with_position(j) for j in jobs]
         return gpb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def PutBlob(self, request_iterator, context):
@@ -84,3 +93,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         view = memoryview(data)
         for start in range(0, len(view), size):
             yield gpb.BlobChunk(data=bytes(view[start : start + size]))
+
+
+def _deadline(context) -> float | None:
+    """The caller's deadline as a time.time(), if it set one."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e6 else time.time() + remaining

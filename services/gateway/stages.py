@@ -1,10 +1,16 @@
-"""One stage, one worker call: the request each stage kind sends, and what comes back."""
+"""One stage, one worker call: the request each stage kind sends, and what comes back.
+
+A runner makes one attempt on the worker it is given; WorkerPool.call around it decides about
+retries. The denoise runner also watches the stream: a worker that sends nothing for longer
+than the stall timeout (status events until the first step, step events after it) is
+Stalled, and the call is cancelled there.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import (
@@ -16,9 +22,13 @@ from services.common.api.baton.v1 import (
 )
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.common.workers import Stalled
 from services.gateway.planner import PlannedStage
 
-Progress = Callable[[dpb.StepEvent], Awaitable[None]]
+# Called with each step or status event of a denoise window.
+Progress = Callable[[dpb.DenoiseEvent], Awaitable[None]]
+# Runs processor URIs over handles on a processor worker: (inputs, processors, output key).
+ProcessorCall = Callable[[list[pb.LatentHandle], list[str], str], Awaitable[pb.LatentHandle]]
 
 
 @dataclass
@@ -33,8 +43,10 @@ class StageCall:
     images: list[pb.BlobHandle]
     mask: pb.BlobHandle | None
     timeout: float
-    # A processor worker's channel, for a denoise stage's latents/output processors.
-    processors: Any = None
+    # Runs a denoise stage's latents/output processors (on a processor worker of the pool).
+    processors: ProcessorCall | None = None
+    # Seconds a denoise stream may stay silent: given whether a step has been seen yet.
+    stall_timeout: Callable[[bool], float] = lambda stepped: 30.0
 
     @property
     def output_key(self) -> str:
@@ -47,14 +59,35 @@ class StageResult:
     latents: pb.LatentHandle | None = None
     # A decode stage's images, one per latent of the batch.
     images: list[pb.BlobHandle] = field(default_factory=list)
+    # Steps an earlier attempt had done, restored from its checkpoint.
+    resumed_from: int = 0
 
 
-async def process(channel, call: StageCall, inputs: list[pb.LatentHandle], processors, key: str) -> pb.LatentHandle:
+async def process(channel, call: StageCall, inputs: list[pb.LatentHandle], processors, key: str,
+                  timeout: float) -> pb.LatentHandle:  # fmt: skip
     stub = processor_pb2_grpc.ProcessorStub(channel)
     request = processor_pb2.ProcessRequest(
         inputs=inputs, processors=processors, output_key=key, job_id=call.job_id, stage=call.stage.name
     )
-    return (await stub.Process(request, timeout=call.timeout)).latents
+    return (await stub.Process(request, timeout=timeout)).latents
+
+
+async def watched(stream, stall_timeout: Callable[[bool], float]):
+    """The stream's events; Stalled (and the call cancelled) when one is late."""
+    events = stream.__aiter__()
+    stepped = False
+    while True:
+        limit = stall_timeout(stepped)
+        try:
+            event = await asyncio.wait_for(events.__anext__(), limit)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            stream.cancel()
+            waiting = "a step event" if stepped else "the window's first step or a status event"
+            raise Stalled(f"the worker sent nothing for {limit:.0f} s while {waiting} was due") from None
+        stepped = stepped or event.HasField("step")
+        yield event
 
 
 async def run_denoise(channel, call: StageCall, progress: Progress) -> StageResult:
@@ -76,7 +109,8 @@ async def run_denoise(channel, call: StageCall, progress: Progress) -> StageResu
     if call.latents:
         latents = call.latents[0]
         if body.latents_processors:
-            latents = await process(call.processors, call, [latents], body.latents_processors, f"{call.output_key}/pre")
+            assert call.processors is not None
+            latents = await call.processors([latents], list(body.latents_processors), f"{call.output_key}/pre")
         request.latents.CopyFrom(latents)
     else:
         request.width = body.width or call.spec.width
@@ -86,16 +120,19 @@ async def run_denoise(channel, call: StageCall, progress: Progress) -> StageResu
     if call.mask is not None:
         request.mask.CopyFrom(call.mask)
     result = None
-    async for event in denoiser_pb2_grpc.DenoiserStub(channel).Denoise(request, timeout=call.timeout):
-        if event.HasField("step"):
-            await progress(event.step)
+    stream = denoiser_pb2_grpc.DenoiserStub(channel).Denoise(request, timeout=call.timeout)
+    async for event in watched(stream, call.stall_timeout):
+        if event.HasField("result"):
+            result = event.result
         else:
-            result = event.result.latents
+            await progress(event)
     if result is None:
         raise RuntimeError("the denoiser ended the stream without a result")
+    latents = result.latents
     if body.output_processors:
-        result = await process(call.processors, call, [result], body.output_processors, f"{call.output_key}/post")
-    return StageResult(latents=result)
+        assert call.processors is not None
+        latents = await call.processors([latents], list(body.output_processors), f"{call.output_key}/post")
+    return StageResult(latents=latents, resumed_from=result.resumed_from)
 
 
 async def run_decode(channel, call: StageCall, progress: Progress) -> StageResult:
@@ -127,7 +164,8 @@ async def run_interpose(channel, call: StageCall, progress: Progress) -> StageRe
 
 async def run_process(channel, call: StageCall, progress: Progress) -> StageResult:
     body = call.stage.spec.process
-    return StageResult(latents=await process(channel, call, call.latents, body.processors, call.output_key))
+    latents = await process(channel, call, call.latents, body.processors, call.output_key, call.timeout)
+    return StageResult(latents=latents)
 
 
 RUNNERS = {

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 import torch
@@ -60,7 +60,8 @@ class InterposerEngine:
                 self._nets[pair] = net.to(self.device, self.dtype)
             return self._nets[pair]
 
-    async def convert(self, req: ipb.ConvertRequest) -> tuple[pb.LatentHandle, int]:
+    async def convert(self, req: ipb.ConvertRequest, timeout_s: float | None = None) -> tuple[pb.LatentHandle, int]:
+        """The converted latents and the method used; `timeout_s` bounds the VAE round trip's calls."""
         handle = req.latents
         if not handle.blob.key:
             raise InvalidArgument("the latents to convert are required", field="latents")
@@ -90,7 +91,8 @@ class InterposerEngine:
                     field="method",
                 )
             return await loop.run_in_executor(self.executor, self._by_net, req, pair, source, target), NET
-        return await self._by_vae(req, target), VAE
+        deadline = time.time() + (timeout_s if timeout_s is not None and timeout_s < 1e6 else 600.0)
+        return await self._by_vae(req, target, deadline), VAE
 
     def _can_load(self, pair: tuple[str, str]) -> bool:
         try:
@@ -117,7 +119,7 @@ class InterposerEngine:
             seed=req.latents.seed, width=req.latents.width, height=req.latents.height, model=model,
         )  # fmt: skip
 
-    async def _by_vae(self, req: ipb.ConvertRequest, target: LatentSpace) -> pb.LatentHandle:
+    async def _by_vae(self, req: ipb.ConvertRequest, target: LatentSpace, deadline: float) -> pb.LatentHandle:
         source_model = req.source_model or req.latents.model
         if not source_model:
             raise InvalidArgument(
@@ -127,17 +129,25 @@ class InterposerEngine:
             raise InvalidArgument(
                 f"the VAE round trip encodes with a target model's VAE: name a {target.id} model", field="target_model"
             )
-        worker = await self.denoisers.pick("denoiser", source_model)
-        stub: Any = denoiser_pb2_grpc.DenoiserStub(self.denoisers.channel(worker.address))
         key = req.output_key
-        try:
+
+        async def decode(channel, worker, timeout: float):
             # Pixels travel as a float tensor: no 8-bit rounding between the two VAEs.
-            decoded = await stub.Decode(dpb.DecodeRequest(model=source_model, latents=req.latents, format="tensor",
-                                                          output_key=f"{key}/decoded" if key else ""))  # fmt: skip
-            encoded = await stub.Encode(dpb.EncodeRequest(model=req.target_model, image=decoded.image, output_key=key))
+            request = dpb.DecodeRequest(model=source_model, latents=req.latents, format="tensor",
+                                        output_key=f"{key}/decoded" if key else "")  # fmt: skip
+            return await denoiser_pb2_grpc.DenoiserStub(channel).Decode(request, timeout=timeout)
+
+        async def encode(channel, worker, timeout: float):
+            request = dpb.EncodeRequest(model=req.target_model, image=decoded.image, output_key=key)
+            return await denoiser_pb2_grpc.DenoiserStub(channel).Encode(request, timeout=timeout)
+
+        try:
+            decoded = await self.denoisers.call("denoiser", decode, deadline=deadline, model=source_model,
+                                                what="the VAE round trip's decode")  # fmt: skip
+            encoded = await self.denoisers.call("denoiser", encode, deadline=deadline, model=req.target_model,
+                                                what="the VAE round trip's encode")  # fmt: skip
         except grpc.aio.AioRpcError as exc:
-            raise FailedPrecondition(f"the VAE round trip failed on {worker.address}: {exc.details()}",
-                                     field="source_model") from exc  # fmt: skip
+            raise FailedPrecondition(f"the VAE round trip failed: {exc.details()}", field="source_model") from exc
         latents = encoded.latents
         if latents.space != target.id:
             raise InvalidArgument(f"{req.target_model} encodes into {latents.space!r}, not {target.id!r}",

@@ -25,19 +25,22 @@ SETTINGS = service_settings(
 def build(settings, runtime) -> list[Mount]:
     import torch
 
-    from services.common.registry import WorkerRegistry
-    from services.common.workers import WorkerPool
+    from services.common.admission import WorkSlots
+    from services.common.server import worker_pool
     from services.interposer.engine import InterposerEngine
     from services.interposer.servicer import InterposerServicer
     from services.interposer.weights import WeightsLocator
 
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     static = {"denoiser": [a.strip() for a in settings.denoisers.split(",") if a.strip()]}
-    pool = WorkerPool(WorkerRegistry(runtime.redis), static, settings.max_message_bytes)
+    pool = worker_pool(settings, runtime, static)
     locator = WeightsLocator(settings.interposer_dir, settings.interposer_repo)
     engine = InterposerEngine(runtime.store, locator, pool, device, getattr(torch, settings.dtype))
-    servicer = InterposerServicer(engine)
+    # One conversion at a time: the engine runs torch on one thread.
+    slots = WorkSlots(1, settings.max_queued, runtime.nudge)
+    servicer = InterposerServicer(engine, slots)
     runtime.advertise("interposer", servicer.worker_info)
+    runtime.on_drain(slots.close)
     runtime.on_shutdown(pool.close)
     return [Mount(servicer, interposer_pb2_grpc.add_InterposerServicer_to_server, "baton.v1.Interposer")]
 

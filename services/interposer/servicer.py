@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.common.admission import WorkSlots
 from services.common.api.baton.v1 import interposer_pb2 as ipb
 from services.common.api.baton.v1 import interposer_pb2_grpc
 from services.common.api.baton.v1 import workers_pb2 as wpb
@@ -9,20 +10,20 @@ from services.interposer.engine import InterposerEngine
 
 
 class InterposerServicer(interposer_pb2_grpc.InterposerServicer):
-    def __init__(self, engine: InterposerEngine):
+    def __init__(self, engine: InterposerEngine, slots: WorkSlots):
         self.engine = engine
-        self.in_flight = 0
+        self.slots = slots
 
     async def Convert(self, request, context):
-        self.in_flight += 1
-        try:
-            latents, method = await self.engine.convert(request)
-        finally:
-            self.in_flight -= 1
+        async with self.slots.admit("conversion"):
+            latents, method = await self.engine.convert(request, context.time_remaining())
         return ipb.ConvertResponse(latents=latents, method=method)
 
     async def ListConversions(self, request, context):
         return ipb.ListConversionsResponse(conversions=self.engine.conversions())
 
     def worker_info(self, address: str) -> wpb.WorkerInfo:
-        return wpb.WorkerInfo(in_flight=self.in_flight, device=self.engine.device, accepting=True)
+        return wpb.WorkerInfo(
+            in_flight=self.slots.running, queued=self.slots.queued, capacity=self.slots.capacity,
+            max_queued=self.slots.max_queued, device=self.engine.device, accepting=not self.slots.draining,
+        )  # fmt: skip

@@ -7,6 +7,8 @@ result is what a stage hands on.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 
 import grpc
@@ -19,30 +21,41 @@ from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.blobs import BlobStore
 from services.common.errors import BatonError, FailedPrecondition, InvalidArgument, Unavailable
 from services.common.processor_uri import check_chains
-from services.common.registry import WorkerRegistry
+from services.common.workers import Worker, WorkerPool
 from services.processor.registry import REGISTRY, Context, Latents
 
 METHODS = {"net": ipb.CONVERSION_METHOD_NET, "vae": ipb.CONVERSION_METHOD_VAE, "auto": ipb.CONVERSION_METHOD_AUTO}
 
 
 class InterposerClient:
-    """Calls Convert on an interposer worker from the registry (or a static address)."""
+    """Calls Convert on an interposer worker through the WorkerPool (the one way workers are
+    called), from the processor's torch thread, within the Process call's deadline."""
 
-    def __init__(self, registry: WorkerRegistry, static: list[str]):
-        self.registry = registry
-        self.static = static
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    def __call__(self, handle: pb.LatentHandle, target: str, method: str, source_model: str, target_model: str):
-        addresses = [w.address for w in self.registry.workers("interposer") if w.accepting] or self.static
-        if not addresses:
-            raise Unavailable("no interposer worker is available for the interposer processor")
+    async def bind(self) -> None:
+        """Remembers the server's event loop, where the pool's channels live."""
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, handle: pb.LatentHandle, target: str, method: str, source_model: str, target_model: str,
+                 deadline: float) -> pb.LatentHandle:  # fmt: skip
+        if self.loop is None:
+            raise Unavailable("the processor is not serving yet")
         request = ipb.ConvertRequest(latents=handle, target=target, method=METHODS[method], source_model=source_model,
                                      target_model=target_model)  # fmt: skip
-        with grpc.insecure_channel(addresses[0]) as channel:
+
+        async def convert(channel, worker: Worker, timeout: float) -> pb.LatentHandle:
+            return (await interposer_pb2_grpc.InterposerStub(channel).Convert(request, timeout=timeout)).latents
+
+        async def call() -> pb.LatentHandle:
             try:
-                return interposer_pb2_grpc.InterposerStub(channel).Convert(request, timeout=600).latents
-            except grpc.RpcError as exc:
+                return await self.pool.call("interposer", convert, deadline=deadline, what="the interposer processor")
+            except grpc.aio.AioRpcError as exc:
                 raise FailedPrecondition(f"the interposer refused: {exc.details()}") from exc
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result()
 
 
 class ProcessorEngine:
@@ -52,7 +65,9 @@ class ProcessorEngine:
         self.convert = convert
 
     @torch.no_grad()
-    def process(self, req: ppb.ProcessRequest) -> ppb.ProcessResponse:
+    def process(self, req: ppb.ProcessRequest, deadline: float | None = None) -> ppb.ProcessResponse:
+        """Runs the request's chains; `deadline` (a time.time()) bounds calls to other workers."""
+        deadline = deadline or time.time() + 600
         if not req.inputs:
             raise InvalidArgument("at least one input is required", field="inputs")
         try:
@@ -72,7 +87,7 @@ class ProcessorEngine:
             for call, kwargs in chains[i]:
                 definition = REGISTRY[call.name]
                 device = kwargs.pop("device") or self.device
-                ctx = Context(device, kwargs.pop("model_offload"), self.convert, self.store)
+                ctx = Context(device, kwargs.pop("model_offload"), self.convert, self.store, deadline)
                 others = [r for j, r in enumerate(results) if j != i and r is not None][: definition.inputs - 1]
                 if len(others) < definition.inputs - 1:
                     raise InvalidArgument(

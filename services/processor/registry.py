@@ -41,6 +41,8 @@ class Context:
     # Converts a handle's latents to another space through the interposer service.
     convert: Callable[..., pb.LatentHandle] | None = None
     store: Any = None
+    # The Process call's deadline (a time.time()), for calls to other workers.
+    deadline: float = 0.0
 
 
 @dataclass(frozen=True)

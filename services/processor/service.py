@@ -21,7 +21,8 @@ SETTINGS = service_settings(
 def build(settings, runtime) -> list[Mount]:
     import torch
 
-    from services.common.registry import WorkerRegistry
+    from services.common.admission import WorkSlots
+    from services.common.server import worker_pool
     from services.processor.engine import InterposerClient, ProcessorEngine
     from services.processor.registry import load_builtin, load_plugins
     from services.processor.servicer import ProcessorServicer
@@ -29,10 +30,16 @@ def build(settings, runtime) -> list[Mount]:
     load_builtin()
     load_plugins(settings.plugins)
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    static = [a.strip() for a in settings.interposers.split(",") if a.strip()]
-    convert = InterposerClient(WorkerRegistry(runtime.redis), static)
-    servicer = ProcessorServicer(ProcessorEngine(runtime.store, device, convert))
+    static = {"interposer": [a.strip() for a in settings.interposers.split(",") if a.strip()]}
+    pool = worker_pool(settings, runtime, static)
+    convert = InterposerClient(pool)
+    runtime.on_start(convert.bind)
+    runtime.on_shutdown(pool.close)
+    # One chain at a time: the engine runs torch on one thread.
+    slots = WorkSlots(1, settings.max_queued, runtime.nudge)
+    servicer = ProcessorServicer(ProcessorEngine(runtime.store, device, convert), slots)
     runtime.advertise("processor", servicer.worker_info)
+    runtime.on_drain(slots.close)
     return [Mount(servicer, processor_pb2_grpc.add_ProcessorServicer_to_server, "baton.v1.Processor")]
 
 

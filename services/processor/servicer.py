@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+from services.common.admission import WorkSlots
 from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.api.baton.v1 import processor_pb2_grpc
 from services.common.api.baton.v1 import workers_pb2 as wpb
@@ -13,21 +15,24 @@ from services.processor.registry import REGISTRY
 
 
 class ProcessorServicer(processor_pb2_grpc.ProcessorServicer):
-    def __init__(self, engine: ProcessorEngine):
+    def __init__(self, engine: ProcessorEngine, slots: WorkSlots):
         self.engine = engine
+        self.slots = slots
         # All torch work on one thread (one OpenMP team per process).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process")
-        self.in_flight = 0
 
     async def Process(self, request, context):
-        self.in_flight += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.process, request)
-        finally:
-            self.in_flight -= 1
+        remaining = context.time_remaining()
+        deadline = time.time() + remaining if remaining is not None and remaining < 1e6 else None
+        async with self.slots.admit("processor chain"):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, self.engine.process, request, deadline)
 
     async def ListProcessors(self, request, context):
         return ppb.ListProcessorsResponse(processors=[d.info() for _, d in sorted(REGISTRY.items())])
 
     def worker_info(self, address: str) -> wpb.WorkerInfo:
-        return wpb.WorkerInfo(in_flight=self.in_flight, device=self.engine.device, accepting=True)
+        return wpb.WorkerInfo(
+            in_flight=self.slots.running, queued=self.slots.queued, capacity=self.slots.capacity,
+            max_queued=self.slots.max_queued, device=self.engine.device, accepting=not self.slots.draining,
+        )  # fmt: skip

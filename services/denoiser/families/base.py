@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from services.common.latent_spaces import LatentSpace
 from services.denoiser.window import DenoiseWindow, strength_begin
+
+if TYPE_CHECKING:
+    from services.denoiser.checkpoints import Checkpoint
 
 # Where the incoming latents stand: none, initial noise, part-way, or finished.
 TXT2IMG, FROM_NOISE, CONTINUE, IMG2IMG, INPAINT = "txt2img", "from_noise", "continue", "img2img", "inpaint"
@@ -48,6 +51,9 @@ class WindowJob:
     # Flow-matching schedule shift the producer used (Flux's resolution-dependent mu): a
     # continuation reuses it so that both windows sit on one schedule.
     mu: float | None = None
+    # An earlier attempt's checkpoint of this very window: the loop prepares everything as usual,
+    # then goes on from there (checkpoints.resume_window).
+    resume: Checkpoint | None = None
 
 
 @dataclass
@@ -62,13 +68,18 @@ class WindowResult:
 
 
 class StepHooks:
-    """Called around every step: `before` may raise to cancel; `after` reports progress."""
+    """Called around every step: `before` may raise to cancel; `after` reports progress and checkpoints."""
 
     def before(self, index: int, total: int) -> None:
         pass
 
-    def after(self, index: int, total: int, timestep: float, latents: torch.Tensor) -> None:
-        pass
+    def after(self, index: int, total: int, timestep: float, latents: torch.Tensor, scheduler: Any,
+              preview: Callable[[], torch.Tensor] | None = None) -> None:  # fmt: skip
+        """`latents` as the loop holds them and `scheduler` after the step: what a checkpoint saves;
+        `preview` gives the [B, C, H, W] form when the loop holds another (Flux packs its latents)."""
+
+    def resumed(self, step: int, total: int) -> None:
+        """The window goes on after `step` of its `total` steps, from an earlier attempt's checkpoint."""
 
 
 class Family:

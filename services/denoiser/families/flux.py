@@ -6,6 +6,7 @@ sequence happens only inside this file.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from services.common.errors import FailedPrecondition
 from services.common.latent_spaces import LatentSpace, get_space
+from services.denoiser.checkpoints import resume_window
 from services.denoiser.families.base import (
     CONTINUE,
     FROM_NOISE,
@@ -94,14 +96,16 @@ class Flux(FlowFamily):
         embedded = None
         if pipe.transformer.config.guidance_embeds:
             embedded = torch.full([1], guidance, device=device, dtype=torch.float32).expand(latents.shape[0])
+        latents, skip = resume_window(job, hooks, scheduler, begin, stop, latents)  # packed, as the loop holds them
         window = timesteps[begin:stop]
-        for i, t in enumerate(window):
+        for i, t in enumerate(window[skip:], start=skip):
             hooks.before(i, len(window))
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             v = pipe.transformer(hidden_states=latents, timestep=timestep / 1000, guidance=embedded,
                                  pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
                                  img_ids=image_ids, return_dict=False)[0]  # fmt: skip
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            hooks.after(i, len(window), float(t), pipe._unpack_latents(latents, job.height, job.width, vsf))
+            preview = functools.partial(pipe._unpack_latents, latents, job.height, job.width, vsf)
+            hooks.after(i, len(window), float(t), latents, scheduler, preview=preview)
         unpacked = pipe._unpack_latents(latents, job.height, job.width, vsf)
         return WindowResult(unpacked, scheduler, timesteps, begin, stop, mu=mu)

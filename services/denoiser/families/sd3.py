@@ -10,6 +10,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from services.common.errors import FailedPrecondition
 from services.common.latent_spaces import LatentSpace, get_space
+from services.denoiser.checkpoints import resume_window
 from services.denoiser.families.base import (
     CONTINUE,
     FROM_NOISE,
@@ -84,8 +85,9 @@ class SD3(FlowFamily):
             image = self.img2img_input(model, pipe, job)
             first = timesteps[begin : begin + 1].repeat(job.num_images)
             latents = pipe.prepare_latents(image, first, job.num_images, 1, dtype, device, gen)
+        latents, skip = resume_window(job, hooks, scheduler, begin, stop, latents)
         window = timesteps[begin:stop]
-        for i, t in enumerate(window):
+        for i, t in enumerate(window[skip:], start=skip):
             hooks.before(i, len(window))
             x = torch.cat([latents] * 2) if do_cfg else latents
             v = pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=embeds,
@@ -94,5 +96,5 @@ class SD3(FlowFamily):
                 uncond, text = v.chunk(2)
                 v = uncond + guidance * (text - uncond)
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            hooks.after(i, len(window), float(t), latents)
+            hooks.after(i, len(window), float(t), latents, scheduler)
         return WindowResult(latents, scheduler, timesteps, begin, stop, mu=kwargs.get("mu"))

@@ -15,6 +15,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from services.common.latent_spaces import LatentSpace, get_space
+from services.denoiser.checkpoints import resume_window
 from services.denoiser.families.base import (
     CONTINUE,
     FROM_NOISE,
@@ -114,9 +115,10 @@ class UNetFamily(Family):
                 scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
         extra_step = pipe.prepare_extra_step_kwargs(gen, 0.0)
+        latents, skip = resume_window(job, hooks, scheduler, begin, stop, latents)
 
         window = timesteps[begin:stop]
-        for i, t in enumerate(window):
+        for i, t in enumerate(window[skip:], start=skip):
             hooks.before(i, len(window))
             x = torch.cat([latents] * 2) if do_cfg else latents
             x = scheduler.scale_model_input(x, t)
@@ -134,7 +136,7 @@ class UNetFamily(Family):
             latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
             if inpaint is not None and inpaint.image_latents is not None:
                 latents = self.blend(scheduler, inpaint, latents, window, i, do_cfg)
-            hooks.after(i, len(window), float(t), latents)
+            hooks.after(i, len(window), float(t), latents, scheduler)
         return WindowResult(latents=latents, scheduler=scheduler, timesteps=timesteps, begin=begin, stop=stop)
 
     # -- inpainting ------------------------------------------------------------------------

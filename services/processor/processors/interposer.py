@@ -23,5 +23,5 @@ def interposer(ctx: Context, x: Latents, *, source, target, method, source_model
     handle.blob.CopyFrom(ctx.store.put_tensor(x.tensor))
     if source:
         handle.space = source
-    converted = ctx.convert(handle, target, method, source_model or "", target_model or "")
+    converted = ctx.convert(handle, target, method, source_model or "", target_model or "", ctx.deadline)
     return Latents(ctx.store.get_tensor(converted.blob), converted)

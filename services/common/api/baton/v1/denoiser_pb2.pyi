@@ -81,36 +81,52 @@ class DenoiseRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., mask: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., output_key: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class StepEvent(_message.Message):
-    __slots__ = ("step", "total", "timestep", "sigma", "preview_png", "elapsed_s")
+    __slots__ = ("step", "total", "timestep", "sigma", "preview_png", "elapsed_s", "checkpoint")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     SIGMA_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_PNG_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     step: int
     total: int
     timestep: float
     sigma: float
     preview_png: bytes
     elapsed_s: float
-    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., timestep: _Optional[float] = ..., sigma: _Optional[float] = ..., preview_png: _Optional[bytes] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    checkpoint: bool
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., timestep: _Optional[float] = ..., sigma: _Optional[float] = ..., preview_png: _Optional[bytes] = ..., elapsed_s: _Optional[float] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
 
 class DenoiseResult(_message.Message):
-    __slots__ = ("latents", "elapsed_s")
+    __slots__ = ("latents", "elapsed_s", "resumed_from")
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
     latents: _handles_pb2.LatentHandle
     elapsed_s: float
-    def __init__(self, latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    resumed_from: int
+    def __init__(self, latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., elapsed_s: _Optional[float] = ..., resumed_from: _Optional[int] = ...) -> None: ...
+
+class WindowStatus(_message.Message):
+    __slots__ = ("phase", "queue_position", "resumed_from")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    queue_position: int
+    resumed_from: int
+    def __init__(self, phase: _Optional[str] = ..., queue_position: _Optional[int] = ..., resumed_from: _Optional[int] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
-    __slots__ = ("step", "result")
+    __slots__ = ("step", "result", "status")
     STEP_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     step: StepEvent
     result: DenoiseResult
-    def __init__(self, step: _Optional[_Union[StepEvent, _Mapping]] = ..., result: _Optional[_Union[DenoiseResult, _Mapping]] = ...) -> None: ...
+    status: WindowStatus
+    def __init__(self, step: _Optional[_Union[StepEvent, _Mapping]] = ..., result: _Optional[_Union[DenoiseResult, _Mapping]] = ..., status: _Optional[_Union[WindowStatus, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("model", "image", "width", "height", "seed", "output_key", "images")

@@ -26,7 +26,7 @@ from services.common.api.baton.v1 import denoiser_pb2 as baton_dot_v1_dot_denois
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61ton/v1/workers.proto\x12\x08\x62\x61ton.v1\x1a\x17\x62\x61ton/v1/denoiser.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12#\n\x06models\x18\x04 \x03(\x0b\x32\x13.baton.v1.ModelInfo\x12\x16\n\x0eload_on_demand\x18\x05 \x01(\x08\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x30\n\x0cheartbeat_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\taccepting\x18\n \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61ton/v1/workers.proto\x12\x08\x62\x61ton.v1\x1a\x17\x62\x61ton/v1/denoiser.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12#\n\x06models\x18\x04 \x03(\x0b\x32\x13.baton.v1.ModelInfo\x12\x16\n\x0eload_on_demand\x18\x05 \x01(\x08\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x30\n\x0cheartbeat_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\taccepting\x18\n \x01(\x08\x12\x0e\n\x06queued\x18\x0b \x01(\x05\x12\x12\n\nmax_queued\x18\x0c \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.workers_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERINFO']._serialized_start=95
-  _globals['_WORKERINFO']._serialized_end=340
+  _globals['_WORKERINFO']._serialized_end=376
 # @@protoc_insertion_point(module_scope)

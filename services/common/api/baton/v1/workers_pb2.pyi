@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "kind", "models", "load_on_demand", "in_flight", "capacity", "device", "heartbeat_at", "accepting")
+    __slots__ = ("worker_id", "address", "kind", "models", "load_on_demand", "in_flight", "capacity", "device", "heartbeat_at", "accepting", "queued", "max_queued")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,8 @@ class WorkerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTING_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     kind: str
@@ -32,4 +34,6 @@ class WorkerInfo(_message.Message):
     device: str
     heartbeat_at: _timestamp_pb2.Timestamp
     accepting: bool
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., kind: _Optional[str] = ..., models: _Optional[_Iterable[_Union[_denoiser_pb2.ModelInfo, _Mapping]]] = ..., load_on_demand: _Optional[bool] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepting: _Optional[bool] = ...) -> None: ...
+    queued: int
+    max_queued: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., kind: _Optional[str] = ..., models: _Optional[_Iterable[_Union[_denoiser_pb2.ModelInfo, _Mapping]]] = ..., load_on_demand: _Optional[bool] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accepting: _Optional[bool] = ..., queued: _Optional[int] = ..., max_queued: _Optional[int] = ...) -> None: ...
