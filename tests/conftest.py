@@ -58,3 +58,16 @@ def flow_models(tmp_path_factory) -> dict[str, str]:
         "flux": str(build("flux", root / "flux")),
         "flux_b": str(build("flux", root / "flux_b", seed=5)),
     }
+
+
+@pytest.fixture(scope="session")
+def checked_cluster(tmp_path_factory):
+    """One gateway, a denoiser (the demo models), a processor and an interposer, shared by every test
+    of what the cluster refuses and how it says so (rules, limits, uploads, error details): those
+    tests leave nothing behind that another could trip on."""
+    from tests.gateway_kit import Cluster, demo_models
+
+    root = tmp_path_factory.mktemp("checked")
+    cluster = Cluster(root, demo_models(root / "models"), interposer_env={}, processor_env={})
+    yield cluster
+    cluster.stop()

@@ -151,10 +151,10 @@ def test_a_changed_request_does_not_resume(models, engine, store):
     assert torch.equal(latents_of(store, again), uninterrupted(engine, store, other))
 
 
-def test_labels_and_previews_do_not_keep_a_request_from_resuming(models, engine, store):
-    req = request(models["sd1"], steps=STEPS, output_key="ckpt/labels", job_id="j1", stage="draft")
+def test_previews_do_not_keep_a_request_from_resuming(models, engine, store):
+    req = request(models["sd1"], steps=STEPS, output_key="ckpt/labels")
     Attempt(engine, req, stop_after=3)
-    relabelled = request(models["sd1"], steps=STEPS, output_key="ckpt/labels", job_id="j2", preview_every=1)
+    relabelled = request(models["sd1"], steps=STEPS, output_key="ckpt/labels", preview_every=1)
     assert Attempt(engine, relabelled).resumed_from == 2
 
 

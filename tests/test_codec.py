@@ -50,7 +50,7 @@ def expected_pixels(vae, store, handle) -> torch.Tensor:
 def test_a_batch_decodes_to_one_image_per_latent(models, codec, store, vae):
     handle = latents(store, 3)
     reply = codec.decode(dpb.DecodeRequest(model=models["sd1"], latents=handle, output_key="job/decode"))
-    assert len(reply.images) == 3 and reply.image == reply.images[0]
+    assert len(reply.images) == 3
     assert [h.key for h in reply.images] == [f"baton:blob:{{job/decode/{i}}}" for i in range(3)]
     pixels = expected_pixels(vae, store, handle)
     for i, blob in enumerate(reply.images):
@@ -62,13 +62,13 @@ def test_a_batch_decodes_to_one_image_per_latent(models, codec, store, vae):
 def test_the_tensor_format_keeps_the_vae_output_unrounded(models, codec, store, vae):
     handle = latents(store, 2)
     reply = codec.decode(dpb.DecodeRequest(model=models["sd1"], latents=handle, format="tensor"))
-    assert list(reply.images) == [reply.image] and reply.image.media_type == "application/x-baton-tensor"
-    assert torch.equal(store.get_tensor(reply.image), expected_pixels(vae, store, handle).clamp(-1, 1))
+    assert len(reply.images) == 1 and reply.images[0].media_type == "application/x-baton-tensor"
+    assert torch.equal(store.get_tensor(reply.images[0]), expected_pixels(vae, store, handle).clamp(-1, 1))
 
 
 def test_a_pixel_tensor_encodes_like_the_vae_and_a_batch_like_its_parts(models, codec, store, vae):
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    whole = codec.encode(dpb.EncodeRequest(model=models["sd1"], image=store.put_tensor(pixels)))
+    whole = codec.encode(dpb.EncodeRequest(model=models["sd1"], images=[store.put_tensor(pixels)]))
     with torch.no_grad():
         theirs = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
     assert torch.equal(store.get_tensor(whole.blob), theirs)
@@ -81,7 +81,7 @@ def test_a_pixel_tensor_encodes_like_the_vae_and_a_batch_like_its_parts(models, 
 def test_a_batch_of_image_files_encodes_in_order(models, codec, store):
     images = [store.put_bytes(png(sample_image(seed=s)), media_type="image/png") for s in (1, 2)]
     batch = store.get_tensor(codec.encode(dpb.EncodeRequest(model=models["sd1"], images=images)).blob)
-    second = store.get_tensor(codec.encode(dpb.EncodeRequest(model=models["sd1"], image=images[1])).blob)
+    second = store.get_tensor(codec.encode(dpb.EncodeRequest(model=models["sd1"], images=[images[1]])).blob)
     assert batch.shape[0] == 2
     # A batch of 2 and a batch of 1 take different conv kernels: equal to float32 rounding.
     torch.testing.assert_close(batch[1:], second, atol=1e-6, rtol=1e-5)
@@ -90,14 +90,12 @@ def test_a_batch_of_image_files_encodes_in_order(models, codec, store):
 @pytest.mark.parametrize(
     "make,field,message",
     [
-        (lambda s: {"image": s.put_tensor(torch.zeros(1, 3, 64, 64)), "images": [s.put_tensor(torch.zeros(3, 64, 64))]},
-         "images", "not both"),
         (lambda s: {"images": [s.put_tensor(torch.zeros(1, 3, 64, 64)), s.put_tensor(torch.zeros(1, 3, 32, 32))]},
          "images", "one size"),
-        (lambda s: {"image": s.put_tensor(torch.zeros(1, 4, 64, 64))}, "image", "[B, 3, H, W]"),
+        (lambda s: {"images": [s.put_tensor(torch.zeros(1, 4, 64, 64))]}, "images[0]", "[B, 3, H, W]"),
         (lambda s: {"images": [s.put_bytes(b"not a png", media_type="image/png")]}, "images[0]", "not a readable"),
-        (lambda s: {"image": s.put_tensor(torch.zeros(1, 3, 64, 64)), "width": 32}, "image", "not resized"),
-        (lambda s: {}, "image", "required"),
+        (lambda s: {"images": [s.put_tensor(torch.zeros(1, 3, 64, 64))], "width": 32}, "images[0]", "not resized"),
+        (lambda s: {}, "images", "required"),
     ],
 )  # fmt: skip
 def test_bad_encode_input_names_its_field(models, codec, store, make, field, message):

@@ -136,7 +136,7 @@ def test_encode_and_decode_use_the_vae_shift_and_scale(flow_models, engine, sing
 
     codec = VaeCodec(single_store, engine.cache)
     image = single_store.put_bytes(png(sample_image()), media_type="image/png")
-    latents = codec.encode(denoiser_pb2.EncodeRequest(model=flow_models[family], image=image))
+    latents = codec.encode(denoiser_pb2.EncodeRequest(model=flow_models[family], images=[image]))
     tensor = single_store.get_tensor(latents.blob)
     assert list(tensor.shape) == [1, 16, 32, 32] and latents.space == family
     with engine.cache.use(flow_models[family]) as model:

@@ -125,7 +125,7 @@ def test_bad_inputs_get_clear_statuses_and_the_service_keeps_serving(stub, store
         ),
         (
             request("sd1", steps=4, denoising_end=0.5, scheduler="EulerAncestralDiscreteScheduler"),
-            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.INVALID_ARGUMENT,
             "field 'scheduler'",
             "EulerAncestralDiscreteScheduler",
         ),
@@ -237,10 +237,10 @@ def test_the_denoiser_registers_as_a_worker_with_its_models(denoiser, redis_url)
 
 def test_encode_and_decode_work_on_a_loaded_model(stub, store):
     image = store.put_bytes(png(sample_image()), media_type="image/png")
-    latents = stub.Encode(dpb.EncodeRequest(model="sd1", image=image)).latents
+    latents = stub.Encode(dpb.EncodeRequest(model="sd1", images=[image])).latents
     assert latents.space == "sd1" and latents.noise.fraction == 1.0
     assert list(store.get_tensor(latents.blob).shape) == [1, 4, 32, 32]
     decoded = stub.Decode(dpb.DecodeRequest(model="sd1", latents=latents))
     assert (decoded.width, decoded.height) == (64, 64)
-    picture = Image.open(io.BytesIO(bytes(store.get_bytes(decoded.image))))
+    picture = Image.open(io.BytesIO(bytes(store.get_bytes(decoded.images[0]))))
     assert picture.format == "PNG" and picture.size == (64, 64)

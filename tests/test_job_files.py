@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from google.protobuf import json_format
 from PIL import Image
 from safetensors.torch import save_file
 
 from services.common.api.baton.v1 import handles_pb2 as pb
+from services.common.api.baton.v1 import jobs_pb2
 from services.common.errors import InvalidArgument
 from services.common.job_files import (
     OUTPUT_FORMATS,
@@ -24,6 +26,7 @@ from services.common.job_files import (
     write_output,
 )
 
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 SPEC = {
     "name": "two-models",
     "seed": 42,
@@ -103,6 +106,179 @@ def test_unparsable_json_spec_is_refused(tmp_path: Path):
     (tmp_path / "job.json").write_text("{not json")
     with pytest.raises(InvalidArgument, match=r"job\.json: not valid json"):
         load_spec(tmp_path / "job.json")
+
+
+def spec_error(tmp_path: Path, text: str, name: str = "job.yaml") -> str:
+    """The message load_spec refuses `text` with."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InvalidArgument) as e:
+        load_spec(tmp_path / name)
+    return str(e.value)
+
+
+def load_text(tmp_path: Path, text: str, name: str = "job.yaml") -> jobs_pb2.JobSpec:
+    (tmp_path / name).write_text(text)
+    return load_spec(tmp_path / name)
+
+
+STEPS_TEN = """name: job
+stages:
+  - name: base
+    denoise:
+      model: tiny-sd
+      steps: ten
+"""
+
+
+def test_wrong_type_names_file_line_column_stage_and_field(tmp_path: Path):
+    message = spec_error(tmp_path, STEPS_TEN)
+    assert message.startswith(f"{tmp_path / 'job.yaml'}:6:14: stage 'base', JobSpec.stages[0].denoise.steps: ")
+    assert "expected an integer (int32), got the string 'ten'" in message
+
+
+def test_a_stage_without_a_name_is_named_by_its_index(tmp_path: Path):
+    message = spec_error(tmp_path, "stages:\n  - decode: {latents: a}\n  - denoise:\n      steps: ten\n")
+    assert "job.yaml:4:14: JobSpec.stages[1].denoise.steps: expected an integer" in message
+    assert "stage '" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "expected"),
+    [
+        ("width: [64]\n", "1:8: JobSpec.width", "expected an integer (int32), got a list"),
+        ("width: 64.5\n", "1:8: JobSpec.width", "expected an integer (int32), got the number 64.5"),
+        ("name: {a: b}\n", "1:7: JobSpec.name", "expected a string, got a mapping"),
+        ("timeout_s: soon\n", "1:12: JobSpec.timeout_s", "expected a number, got the string 'soon'"),
+        ("stages: {name: a}\n", "1:9: JobSpec.stages", "expected a list, each item a mapping of StageSpec fields"),
+        ("stages:\n  - decode: base\n", "2:13: JobSpec.stages[0].decode", "expected a mapping of DecodeStage fields"),
+        ("labels: {team: 5}\n", "1:16: JobSpec.labels['team']", "expected a string, got the number 5"),
+        ("stages:\n  - denoise: {prompt: yes}\n", "2:23: JobSpec.stages[0].denoise.prompt", "the boolean yes; quote"),
+        (
+            "stages:\n  - denoise: {scheduler_config: [1]}\n",
+            "2:33: JobSpec.stages[0].denoise.scheduler_config",
+            "a mapping",
+        ),
+    ],
+)
+def test_wrong_types_say_where_and_what_is_expected(tmp_path: Path, text: str, where: str, expected: str):
+    message = spec_error(tmp_path, text)
+    assert f"job.yaml:{where}: " in message and expected in message
+
+
+def test_unknown_top_level_key_suggests_the_closest_field(tmp_path: Path):
+    message = spec_error(tmp_path, "name: job\nseeds: 3\n")
+    assert 'job.yaml:2:1: JobSpec.seeds: unknown field "seeds" of JobSpec; did you mean "seed"?' in message
+
+
+def test_unknown_key_inside_a_stage_suggests_the_closest_field(tmp_path: Path):
+    message = spec_error(tmp_path, "stages:\n  - name: base\n    denoise:\n      prompts: a cat\n")
+    assert "job.yaml:4:7: stage 'base', JobSpec.stages[0].denoise.prompts: " in message
+    assert 'unknown field "prompts" of DenoiseStage; did you mean "prompt"?' in message
+
+
+def test_unknown_key_without_a_close_field_lists_the_fields(tmp_path: Path):
+    message = spec_error(tmp_path, "colour: red\n")
+    assert 'unknown field "colour" of JobSpec; its fields are name, seed, width, height, inputs' in message
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("prompt: a cat\n", "stages[i].denoise.prompt"),
+        ("negativePrompt: blurry\n", "stages[i].denoise.negative_prompt"),
+        ("stages:\n  - name: base\n    steps: 3\n", "denoise.steps"),
+    ],
+)
+def test_a_stage_kind_field_outside_its_kind_says_where_it_goes(tmp_path: Path, text: str, where: str):
+    assert f"it goes in a stage's kind: {where}" in spec_error(tmp_path, text)
+
+
+def test_unknown_enum_value_suggests_the_full_name(tmp_path: Path):
+    message = spec_error(tmp_path, "stages:\n  - interpose: {target: sdxl, method: net}\n")
+    assert "JobSpec.stages[0].interpose.method: the string 'net' is not a ConversionMethod" in message
+    assert 'did you mean "CONVERSION_METHOD_NET"?' in message
+
+
+def test_camel_case_names_are_accepted(tmp_path: Path):
+    camel = load_text(tmp_path, "timeoutS: 30\nstages:\n  - denoise: {negativePrompt: blurry, denoisingEnd: 0.6}\n")
+    snake = load_text(tmp_path, "timeout_s: 30\nstages:\n  - denoise: {negative_prompt: blurry, denoising_end: 0.6}\n")
+    assert camel == snake and camel.stages[0].denoise.negative_prompt == "blurry"
+
+
+def test_errors_name_fields_in_snake_case_even_when_the_file_used_camel_case(tmp_path: Path):
+    message = spec_error(tmp_path, "stages:\n  - denoise:\n      negativePrompt: 5\n      denoisingEnd: late\n")
+    assert "JobSpec.stages[0].denoise.negative_prompt: expected a string" in message
+    assert "negativePrompt" not in message
+
+
+def test_a_field_given_twice_is_refused_even_under_both_spellings(tmp_path: Path):
+    message = spec_error(tmp_path, "timeout_s: 30\ntimeoutS: 60\n")
+    assert "job.yaml:2:1: JobSpec.timeout_s: given twice (first at line 1)" in message
+
+
+def test_two_kinds_in_one_stage_are_refused_naming_both(tmp_path: Path):
+    message = spec_error(tmp_path, "stages:\n  - name: x\n    denoise: {}\n    decode: {}\n")
+    assert "job.yaml:4:5: stage 'x', JobSpec.stages[0].decode: StageSpec takes one of denoise" in message
+    assert "denoise is already given at line 3" in message
+
+
+def test_seed_minus_one_leaves_the_job_seed_unset_for_the_gateway_to_draw(tmp_path: Path):
+    spec = load_text(tmp_path, "seed: -1\nstages:\n  - denoise: {model: m}\n")
+    assert not spec.HasField("seed")
+
+
+@pytest.mark.parametrize("kind", ["denoise", "encode"])
+def test_seed_minus_one_leaves_a_stage_seed_unset(tmp_path: Path, kind: str):
+    spec = load_text(tmp_path, f"seed: 5\nstages:\n  - {kind}: {{model: m, seed: -1}}\n")
+    assert spec.seed == 5 and not getattr(spec.stages[0], kind).HasField("seed")
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "seed"),
+    [
+        ("seed: -2\n", "1:7: JobSpec.seed", "-2"),
+        ("stages:\n  - name: a\n    denoise: {seed: -7}\n", "3:21: stage 'a', JobSpec.stages[0].denoise.seed", "-7"),
+        (f"seed: {2**64}\n", "1:7: JobSpec.seed", str(2**64)),
+    ],
+)
+def test_other_seeds_outside_uint64_are_refused_saying_minus_one_is_random(
+    tmp_path: Path, text: str, where: str, seed: str
+):
+    message = spec_error(tmp_path, text)
+    assert f"job.yaml:{where}: {seed} is not a seed: seeds are 0..2**64-1; -1 means a random seed" in message
+
+
+def test_the_largest_seed_is_kept(tmp_path: Path):
+    assert load_text(tmp_path, f"seed: {2**64 - 1}\n").seed == 2**64 - 1
+
+
+def test_json_spec_errors_carry_the_line_and_column(tmp_path: Path):
+    text = json.dumps({"name": "j", "stages": [{"name": "base", "denoise": {"steps": "ten"}}]}, indent=2)
+    message = spec_error(tmp_path, text, "job.json")
+    assert "job.json:7:18: stage 'base', JobSpec.stages[0].denoise.steps: expected an integer" in message
+
+
+def test_json_unknown_key_is_located_and_suggested(tmp_path: Path):
+    message = spec_error(tmp_path, '{"name": "j",\n "stages": [{"denoise": {"prompts": "a cat"}}]}', "job.json")
+    assert 'job.json:2:26: JobSpec.stages[0].denoise.prompts: unknown field "prompts"' in message
+    assert 'did you mean "prompt"?' in message
+
+
+def test_errors_that_only_parse_dict_finds_still_carry_the_line(tmp_path: Path):
+    text = "inputs:\n  - name: init\n    latents:\n      blob: {key: k, expires_at: tomorrow}\n"
+    message = spec_error(tmp_path, text)
+    assert "job.yaml:4:34: input 'init', JobSpec.inputs[0].latents.blob.expires_at: " in message
+
+
+def test_yaml_anchors_and_merge_keys_still_apply(tmp_path: Path):
+    text = "stages:\n  - name: a\n    denoise: &d {model: m, steps: 3}\n  - name: b\n    denoise: {<<: *d, steps: 4}\n"
+    spec = load_text(tmp_path, text)
+    assert [(s.denoise.model, s.denoise.steps) for s in spec.stages] == [("m", 3), ("m", 4)]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_specs_load_as_plain_parse_dict_reads_them(example: Path):
+    assert load_spec(example) == json_format.ParseDict(yaml.safe_load(example.read_text()), jobs_pb2.JobSpec())
 
 
 # --- latents inputs ---

@@ -34,9 +34,15 @@ class JobProgress:
     def _bar(self, stage: str) -> tqdm:
         if stage not in self.bars:
             self.bars[stage] = tqdm(
-                desc=f"{stage:<12}", total=1, unit="step", position=len(self.bars), leave=True,
-                disable=self.quiet, file=sys.stderr, dynamic_ncols=True,
-            )  # fmt: skip
+                desc=f"{stage:<12}",
+                total=1,
+                unit="step",
+                position=len(self.bars),
+                leave=True,
+                disable=self.quiet,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         return self.bars[stage]
 
     def feed(self, events: Iterable[jpb.JobEvent]) -> jpb.JobEvent | None:
@@ -56,8 +62,10 @@ class JobProgress:
                     bar.n = 1
                     bar.refresh()
             elif kind == "job_state" and event.job_state in (
-                jpb.JOB_STATE_SUCCEEDED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED,
-            ):  # fmt: skip
+                jpb.JOB_STATE_SUCCEEDED,
+                jpb.JOB_STATE_FAILED,
+                jpb.JOB_STATE_CANCELLED,
+            ):
                 self.close()
                 return event
         self.close()

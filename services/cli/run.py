@@ -18,8 +18,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run a job spec and write its outputs", description=__doc__)
     p.add_argument("spec", type=Path, help="job spec, YAML or JSON (baton.v1.JobSpec)")
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for the outputs (DIR/<stage>.<format>)")
-    p.add_argument("--gateway", default=os.environ.get("BATON_GATEWAY") or None,
-                   help="gateway address [env BATON_GATEWAY]; none: start a local cluster")  # fmt: skip
+    p.add_argument(
+        "--gateway",
+        default=os.environ.get("BATON_GATEWAY") or None,
+        help="gateway address [env BATON_GATEWAY]; none: start a local cluster",
+    )
     p.add_argument("--idempotency-key", default="", help="the same key returns the same job")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -1,6 +1,7 @@
 """The Python client of Baton's gateway: BatonClient (sync) and AsyncBatonClient (asyncio)."""
 
 from services.client.async_client import AsyncBatonClient
+from services.client.errors import error_info, field_violations
 from services.client.sync_client import BatonClient
 
-__all__ = ["AsyncBatonClient", "BatonClient"]
+__all__ = ["AsyncBatonClient", "BatonClient", "error_info", "field_violations"]

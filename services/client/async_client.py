@@ -36,8 +36,9 @@ class AsyncBatonClient:
         request = gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key)
         return await self.stub.Submit(request, timeout=self.timeout)
 
-    async def run(self, spec: jpb.JobSpec, idempotency_key: str = "", *, patience_s: float = PATIENCE_S
-                  ) -> AsyncIterator[jpb.JobEvent]:  # fmt: skip
+    async def run(
+        self, spec: jpb.JobSpec, idempotency_key: str = "", *, patience_s: float = PATIENCE_S
+    ) -> AsyncIterator[jpb.JobEvent]:
         """Submits and streams the job's events until it ends (a cut stream goes on as a watch)."""
         resume = Resume("", patience_s)
         try:
@@ -51,8 +52,9 @@ class AsyncBatonClient:
         async for event in self.watch(resume.job_id, resume.cursor, patience_s=patience_s):
             yield event
 
-    async def watch(self, job_id: str, after_event_id: str = "", *, patience_s: float = PATIENCE_S
-                    ) -> AsyncIterator[jpb.JobEvent]:  # fmt: skip
+    async def watch(
+        self, job_id: str, after_event_id: str = "", *, patience_s: float = PATIENCE_S
+    ) -> AsyncIterator[jpb.JobEvent]:
         """The job's events after `after_event_id` until it ends; reconnects while the gateway is briefly away."""
         resume = Resume(after_event_id, patience_s)
         while True:

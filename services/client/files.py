@@ -40,12 +40,15 @@ def output_path(out_dir: Path, output: jpb.JobOutput, index: int | None = None) 
     return out_dir / f"{output.stage}{suffix}.{output.format.lower()}"
 
 
-def save_output(out_dir: Path, output: jpb.JobOutput, read_image: Callable[[pb.BlobHandle], bytes],
-                tensor: torch.Tensor | None) -> list[Path]:  # fmt: skip
+def save_output(
+    out_dir: Path, output: jpb.JobOutput, read_image: Callable[[pb.BlobHandle], bytes], tensor: torch.Tensor | None
+) -> list[Path]:
     """Writes one job output: its latents (one file, the whole batch), or each of its images."""
     if output.HasField("latents"):
         return [write_output(output_path(out_dir, output), latents=tensor, handle=output.latents)]
-    images = list(output.images) or [output.image]
+    images = list(output.images)
     batch = len(images) > 1
-    return [write_output(output_path(out_dir, output, i if batch else None), image_bytes=read_image(handle))
-            for i, handle in enumerate(images)]  # fmt: skip
+    return [
+        write_output(output_path(out_dir, output, i if batch else None), image_bytes=read_image(handle))
+        for i, handle in enumerate(images)
+    ]

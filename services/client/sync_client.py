@@ -54,8 +54,9 @@ class BatonClient:
     def submit(self, spec: jpb.JobSpec, idempotency_key: str = "") -> jpb.Job:
         return self.stub.Submit(gpb.SubmitRequest(spec=spec, idempotency_key=idempotency_key), timeout=self.timeout)
 
-    def run(self, spec: jpb.JobSpec, idempotency_key: str = "", *, patience_s: float = PATIENCE_S
-            ) -> Iterator[jpb.JobEvent]:  # fmt: skip
+    def run(
+        self, spec: jpb.JobSpec, idempotency_key: str = "", *, patience_s: float = PATIENCE_S
+    ) -> Iterator[jpb.JobEvent]:
         """Submits and streams the job's events until it ends (a cut stream goes on as a watch)."""
         resume = Resume("", patience_s)
         try:
@@ -68,8 +69,7 @@ class BatonClient:
                 raise
         yield from self.watch(resume.job_id, resume.cursor, patience_s=patience_s)
 
-    def watch(self, job_id: str, after_event_id: str = "", *, patience_s: float = PATIENCE_S
-              ) -> Iterator[jpb.JobEvent]:  # fmt: skip
+    def watch(self, job_id: str, after_event_id: str = "", *, patience_s: float = PATIENCE_S) -> Iterator[jpb.JobEvent]:
         """The job's events after `after_event_id` until it ends; reconnects while the gateway is briefly away."""
         resume = Resume(after_event_id, patience_s)
         while True:

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+from services.common.api.baton.v1 import workers_pb2 as wpb
 from services.common.errors import Busy, Draining
 
 
@@ -95,6 +96,18 @@ class WorkSlots:
             yield ticket
         finally:
             ticket.release()
+
+    def worker_info(self, device: str, **more) -> wpb.WorkerInfo:
+        """A worker's registry record: how busy these slots are, whether they take work, and `more`."""
+        return wpb.WorkerInfo(
+            in_flight=self.running,
+            queued=self.queued,
+            capacity=self.capacity,
+            max_queued=self.max_queued,
+            device=device,
+            accepting=not self.draining,
+            **more,
+        )
 
     def drain(self) -> None:
         """Takes nothing new; every waiting call is refused with Draining."""

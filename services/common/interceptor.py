@@ -4,6 +4,15 @@
   INTERNAL and logged as a bug.
 - "Ask again" errors (busy, draining, Redis away) carry a `baton-retry` trailer, so a caller
   can tell a worker that answered from a connection that broke.
+- Every error also carries google.rpc details in the standard `grpc-status-details-bin`
+  trailer, for programs (services.client.errors reads them): an ErrorInfo (reason: the error's
+  class, e.g. INVALID_ARGUMENT or BLOB_NOT_FOUND; domain baton.dev; metadata: stage, field,
+  retry where known), and on INVALID_ARGUMENT and FAILED_PRECONDITION a BadRequest with one
+  field violation (field: BatonError.field_path(), e.g. `stages[draft].denoise.steps`;
+  description: what is wrong). Messages and details are bounded (errors.elide), so no status
+  outgrows gRPC's metadata limits.
+- A request whose bytes protobuf cannot parse is INVALID_ARGUMENT (MALFORMED_REQUEST), not
+  gRPC's UNKNOWN, for every method: health and reflection too.
 - A client that goes away (a closed Watch, a cancelled call) is CANCELLED, not an error.
 - At most `max_concurrency` calls are served at once; health checks and reflection are never
   refused, so a busy service still answers its probes.
@@ -18,9 +27,20 @@ from collections.abc import Callable
 
 import grpc
 import redis
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.common.errors import RETRY_TRAILER, BatonError, Busy
+from services.common.errors import (
+    MAX_MESSAGE_BYTES,
+    MAX_NAME_BYTES,
+    RETRY_TRAILER,
+    BatonError,
+    Busy,
+    MalformedRequest,
+    elide,
+)
 from services.common.redis_conn import REDIS_DOWN
 
 log = logging.getLogger("baton.rpc")
@@ -36,6 +56,10 @@ IN_FLIGHT = Gauge("baton_grpc_in_flight", "gRPC calls being served", ["method"])
 
 # Never refused by the concurrency limit: a probe must see a busy service as alive.
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# ErrorInfo.domain of every Baton error.
+ERROR_DOMAIN = "baton.dev"
+# The codes whose details name the field a caller must change.
+FIELD_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
@@ -51,6 +75,69 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "cancelled", ""
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}", ""
+
+
+def rich_status(exc: BaseException, code: grpc.StatusCode, message: str, retry: str) -> status_pb2.Status:
+    """The google.rpc.Status sent with `message`: an ErrorInfo, and a BadRequest on FIELD_CODES."""
+    stage, fld = (exc.stage, exc.field) if isinstance(exc, BatonError) else ("", "")
+    known = {"stage": stage, "field": fld, "retry": retry}
+    info = error_details_pb2.ErrorInfo(
+        reason=exc.reason if isinstance(exc, BatonError) else code.name,
+        domain=ERROR_DOMAIN,
+        metadata={k: elide(v, MAX_NAME_BYTES) for k, v in known.items() if v},
+    )
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(info)
+    if code in FIELD_CODES:
+        detail = exc.detail if isinstance(exc, BatonError) else message
+        path = exc.field_path() if isinstance(exc, BatonError) else ""
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=path, description=elide(detail, MAX_MESSAGE_BYTES)
+        )
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return status
+
+
+class _Malformed:
+    """What a request that protobuf cannot parse deserializes to: the call fails with `message` (_check)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _tolerant(method: str, deserializer: Callable | None) -> Callable | None:
+    """`deserializer`, returning a _Malformed for bytes it cannot parse: raised from inside gRPC,
+    its error would reach the caller as UNKNOWN, past this interceptor."""
+    if deserializer is None:
+        return None
+    message_type = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    takes = message_type.full_name if message_type is not None else "message"
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Malformed(
+                f"malformed request: {method} takes a serialized {takes}, and protobuf cannot parse the bytes "
+                f"sent ({exc})"
+            )
+
+    return deserialize
+
+
+def _check(request):
+    if isinstance(request, _Malformed):
+        raise MalformedRequest(request.message)
+    return request
+
+
+async def _checked_stream(requests):
+    async for request in requests:
+        yield _check(request)
+
+
+def _checked(request_or_iterator, streaming: bool):
+    return _checked_stream(request_or_iterator) if streaming else _check(request_or_iterator)
 
 
 class _Call:
@@ -74,12 +161,15 @@ class _Call:
                 raise exc
             raise asyncio.CancelledError() from exc
         code, message, retry = status_of(exc)
+        message = elide(message, MAX_MESSAGE_BYTES)
         if code is grpc.StatusCode.INTERNAL:
             log.error("unhandled error in %s", self.method, exc_info=exc, extra={"method": self.method})
         else:
             log.info("%s -> %s: %s", self.method, code.name, message, extra={"method": self.method, "code": code.name})
         self.finish(code)
-        await self.context.abort(code, message, trailing_metadata=((RETRY_TRAILER, retry),) if retry else ())
+        status = rpc_status.to_status(rich_status(exc, code, message, retry))
+        trailers = (*status.trailing_metadata, *(((RETRY_TRAILER, retry),) if retry else ()))
+        await self.context.abort(status.code, status.details, trailing_metadata=trailers)
 
     def finish(self, code: grpc.StatusCode) -> None:
         IN_FLIGHT.labels(self.method).dec()
@@ -95,13 +185,13 @@ class _Limit:
         self.active = 0
 
 
-def _wrap_unary_response(method: str, behavior: Callable, limit: _Limit | None) -> Callable:
+def _wrap_unary_response(method: str, behavior: Callable, limit: _Limit | None, streaming: bool) -> Callable:
     async def handler(request_or_iterator, context):
         call = _Call(method, context)
         try:
             _enter(limit, method)
             try:
-                response = await behavior(request_or_iterator, context)
+                response = await behavior(_checked(request_or_iterator, streaming), context)
             finally:
                 _leave(limit)
         except BaseException as exc:
@@ -112,13 +202,13 @@ def _wrap_unary_response(method: str, behavior: Callable, limit: _Limit | None) 
     return handler
 
 
-def _wrap_stream_response(method: str, behavior: Callable, limit: _Limit | None) -> Callable:
+def _wrap_stream_response(method: str, behavior: Callable, limit: _Limit | None, streaming: bool) -> Callable:
     async def handler(request_or_iterator, context):
         call = _Call(method, context)
         try:
             _enter(limit, method)
             try:
-                result = behavior(request_or_iterator, context)
+                result = behavior(_checked(request_or_iterator, streaming), context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
@@ -163,26 +253,27 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         limit = None if method.startswith(EXEMPT_PREFIXES) else self.limit
+        deserializer = _tolerant(method, handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.unary_unary, limit),
-                handler.request_deserializer,
+                _wrap_unary_response(method, handler.unary_unary, limit, streaming=False),
+                deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.unary_stream, limit),
-                handler.request_deserializer,
+                _wrap_stream_response(method, handler.unary_stream, limit, streaming=False),
+                deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.stream_unary, limit),
-                handler.request_deserializer,
+                _wrap_unary_response(method, handler.stream_unary, limit, streaming=True),
+                deserializer,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.stream_stream, limit),
-            handler.request_deserializer,
+            _wrap_stream_response(method, handler.stream_stream, limit, streaming=True),
+            deserializer,
             handler.response_serializer,
         )

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2
 from services.common.errors import InvalidArgument, NotFound
+from services.common.spec_document import parse_spec
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 LATENT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -42,23 +43,18 @@ _META_PREFIX = "baton."  # safetensors metadata keys; a .pt file keeps the same 
 
 
 def load_spec(path: Path | str) -> jobs_pb2.JobSpec:
-    """Reads a job spec file: YAML or JSON in protobuf's JSON mapping of baton.v1.JobSpec."""
+    """Reads a job spec file: YAML or JSON in protobuf's JSON mapping of baton.v1.JobSpec.
+
+    Errors name the file, line and column, the stage and the snake_case field (spec_document).
+    """
     path = Path(path)
-    if path.suffix.lower() not in SPEC_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix not in SPEC_SUFFIXES:
         raise InvalidArgument(f"{path}: a job spec is a {', '.join(SPEC_SUFFIXES)} file")
     text = _read_bytes(path).decode("utf-8", errors="replace")
     if not text.strip():
         raise InvalidArgument(f"{path}: the job spec is empty")
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise InvalidArgument(f"{path}: not valid {path.suffix.lower().lstrip('.')}: {e}") from e
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"{path}: the top level must be a mapping of JobSpec fields, not {type(data).__name__}")
-    try:
-        return json_format.ParseDict(data, jobs_pb2.JobSpec())
-    except json_format.ParseError as e:
-        raise InvalidArgument(f"{path}: {e}") from e
+    return parse_spec(text, str(path), "json" if suffix == ".json" else "yaml")
 
 
 def spec_to_yaml(spec: jobs_pb2.JobSpec) -> str:

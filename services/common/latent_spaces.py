@@ -28,16 +28,12 @@ class LatentSpace:
     # Per-channel statistics: model = (raw - mean) * scale / std.
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    # Pixels per latent cell.
-    downscale: int = 8
     rgb_factors: Matrix = ()
     rgb_bias: tuple[float, float, float] | None = None
-    # Channels of the VAE before patchifying (flux2: 32 channels in 2x2 patches = 128).
-    vae_channels: int = 0
+    # flux2's VAE latents travel in 2x2 patches (32 channels -> 128).
     patch: int = 1
     # Normalisation by the VAE's BatchNorm running stats (flux2); eps added to the variance.
     batchnorm_eps: float | None = None
-    preview_decoder: str = ""
 
     def _check(self, latents: torch.Tensor) -> None:
         if latents.ndim != 4 or latents.shape[1] != self.channels:
@@ -139,24 +135,24 @@ SPACES: dict[str, LatentSpace] = {
     s.id: s
     for s in (
         LatentSpace(
-            "sd1", "SD 1.x / 2.x", 4, scale=0.18215, preview_decoder="taesd_decoder",
+            "sd1", "SD 1.x / 2.x", 4, scale=0.18215,
             rgb_factors=((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
                          (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177)),
         ),
         LatentSpace(
-            "sdxl", "SDXL", 4, scale=0.13025, preview_decoder="taesdxl_decoder",
+            "sdxl", "SDXL", 4, scale=0.13025,
             rgb_factors=((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
                          (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
             rgb_bias=(0.1084, -0.0175, -0.0011),
         ),
         LatentSpace(
-            "pg25", "Playground 2.5", 4, scale=0.5, preview_decoder="taesdxl_decoder",
+            "pg25", "Playground 2.5", 4, scale=0.5,
             mean=(-1.6574, 1.886, -1.383, 2.5155), std=(8.4927, 5.9022, 6.5498, 5.2299),
             rgb_factors=((0.3920, 0.4054, 0.4549), (-0.2634, -0.0196, 0.0653),
                          (0.0568, 0.1687, -0.0755), (-0.3112, -0.2359, -0.2076)),
         ),
         LatentSpace(
-            "sd3", "SD3 / SD3.5", 16, scale=1.5305, shift=0.0609, preview_decoder="taesd3_decoder",
+            "sd3", "SD3 / SD3.5", 16, scale=1.5305, shift=0.0609,
             rgb_factors=(
                 (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458),
                 (0.0856, 0.0339, 0.0902), (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309),
@@ -168,7 +164,7 @@ SPACES: dict[str, LatentSpace] = {
             rgb_bias=(0.2394, 0.2135, 0.1925),
         ),
         LatentSpace(
-            "flux", "FLUX.1", 16, scale=0.3611, shift=0.1159, preview_decoder="taef1_decoder",
+            "flux", "FLUX.1", 16, scale=0.3611, shift=0.1159,
             rgb_factors=(
                 (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433),
                 (-0.0174, 0.0160, 0.0617), (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115),
@@ -180,8 +176,7 @@ SPACES: dict[str, LatentSpace] = {
             rgb_bias=(-0.0329, -0.0718, -0.0851),
         ),
         LatentSpace(
-            "flux2", "FLUX.2", 128, downscale=16, vae_channels=32, patch=2, batchnorm_eps=1e-4,
-            preview_decoder="taef2_decoder",
+            "flux2", "FLUX.2", 128, patch=2, batchnorm_eps=1e-4,
             rgb_factors=(
                 (0.0058, 0.0113, 0.0073), (0.0495, 0.0443, 0.0836), (-0.0099, 0.0096, 0.0644),
                 (0.2144, 0.3009, 0.3652), (0.0166, -0.0039, -0.0054), (0.0157, 0.0103, -0.0160),

@@ -7,23 +7,27 @@ any work, with the same code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.config import parse_bool
 from services.common.errors import InvalidArgument
+from services.common.limits import DEFAULT, Limits
 
 CHAIN_SEPARATOR = "+"
 # Arguments every processor takes.
 BASE_ARGS = (
     ppb.ProcessorArg(name="device", type="str", default="", help="torch device; default: the service's"),
     ppb.ProcessorArg(
-        name="model-offload", type="bool", default="false",
+        name="model-offload",
+        type="bool",
+        default="false",
         help="move any module the processor loaded off the GPU after it runs",
     ),
-)  # fmt: skip
+)
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "bool": parse_bool, "str": str}
 
 
@@ -64,8 +68,10 @@ def split_chains(items: Sequence[str]) -> list[list[str]]:
     return chains
 
 
-def bind(call: ProcessorCall, info: ppb.ProcessorInfo) -> dict[str, Any]:
-    """Typed, range-checked arguments (defaults filled in), keyed with underscores."""
+def bind(call: ProcessorCall, info: ppb.ProcessorInfo, limits: Limits = DEFAULT) -> dict[str, Any]:
+    """Typed, range-checked arguments (defaults filled in), keyed with underscores. Numbers are
+    finite (a NaN factor would pass every range and poison the latents); a device is one the
+    processor-devices setting allows."""
     declared = {a.name: a for a in (*info.args, *BASE_ARGS)}
     given = dict(call.args)
     unknown = sorted(set(given) - set(declared))
@@ -85,6 +91,13 @@ def bind(call: ProcessorCall, info: ppb.ProcessorInfo) -> dict[str, Any]:
             value = _TYPES[arg.type](text)
         except ValueError:
             raise InvalidArgument(f"{call.name}: {name}={text!r} is not a valid {arg.type}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument(f"{call.name}: {name}={text!r}; numbers must be finite")
+        if name == "device" and not limits.device_allowed(value):
+            raise InvalidArgument(
+                f"{call.name}: device={text!r}; allowed: {', '.join(limits.processor_devices)} (or leave it unset "
+                "for the service's own)"
+            )
         if arg.choices and str(value) not in arg.choices:
             raise InvalidArgument(f"{call.name}: {name}={text!r}; choose one of {', '.join(arg.choices)}")
         low = arg.min if arg.HasField("min") else None
@@ -102,7 +115,7 @@ def _bound(value: float | None, unbounded: str) -> str:
 
 
 def check_chains(
-    items: Sequence[str], inputs: int, known: Mapping[str, ppb.ProcessorInfo]
+    items: Sequence[str], inputs: int, known: Mapping[str, ppb.ProcessorInfo], limits: Limits = DEFAULT
 ) -> list[list[tuple[ProcessorCall, dict[str, Any]]]]:
     """Parsed and bound chains, one per input; every problem is an InvalidArgument."""
     chains = split_chains(items)
@@ -117,10 +130,6 @@ def check_chains(
             call = parse_uri(uri)
             if call.name not in known:
                 raise InvalidArgument(f"unknown processor {call.name!r}; known: {', '.join(sorted(known))}")
-            bound.append((call, bind(call, known[call.name])))
+            bound.append((call, bind(call, known[call.name], limits)))
         out.append(bound)
     return out
-
-
-def names(items: Iterable[str]) -> list[str]:
-    return [parse_uri(i).name for i in items if i.strip() != CHAIN_SEPARATOR]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import InvalidArgument
 
 EXACT, STATE, NEVER = "exact", "state", "never"
 
@@ -89,9 +89,10 @@ def capabilities(class_name: str, config: Mapping) -> SchedulerCaps:
 
 
 def check_can_split(caps: SchedulerCaps, *, field: str = "scheduler") -> None:
-    """Raise FailedPrecondition when a partial window is asked of a scheduler that cannot split."""
+    """Raise InvalidArgument when a partial window is asked of a scheduler that cannot split: the
+    request cannot run as written, on any worker (the gateway refuses it alike at Submit)."""
     if caps.split == NEVER:
-        raise FailedPrecondition(caps.why, field=field)
+        raise InvalidArgument(caps.why, field=field)
 
 
 KNOWN = frozenset(_TABLE)

@@ -122,9 +122,13 @@ def worker_pool(settings: argparse.Namespace, runtime: Runtime, static: dict[str
     from services.common.workers import WorkerPool
 
     return WorkerPool(
-        WorkerRegistry(runtime.redis), static, settings.max_message_bytes, keepalive_s=settings.keepalive,
-        keepalive_timeout_s=settings.keepalive_timeout, **kwargs,
-    )  # fmt: skip
+        WorkerRegistry(runtime.redis),
+        static,
+        settings.max_message_bytes,
+        keepalive_s=settings.keepalive,
+        keepalive_timeout_s=settings.keepalive_timeout,
+        **kwargs,
+    )
 
 
 def make_runtime(settings: argparse.Namespace) -> Runtime:
@@ -244,8 +248,9 @@ async def _watch_redis(settings: argparse.Namespace, readiness: HealthState, run
                 log.info("Redis is reachable again; serving")
                 runtime.nudge()  # a Redis that lost its data lost our registry record too
             else:
-                log.warning("Redis is unreachable at %s; health is NOT_SERVING until it returns",
-                            redact(settings.redis_url))  # fmt: skip
+                log.warning(
+                    "Redis is unreachable at %s; health is NOT_SERVING until it returns", redact(settings.redis_url)
+                )
             await readiness.set_ready(reachable)
 
 

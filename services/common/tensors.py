@@ -7,7 +7,7 @@ import sys
 import torch
 
 from services.common.api.baton.v1 import handles_pb2 as pb
-from services.common.errors import BlobCorrupt, InvalidArgument
+from services.common.errors import BlobCorrupt, FailedPrecondition, InvalidArgument
 
 if sys.byteorder != "little":  # the wire format is little-endian; so is every machine we run on
     raise ImportError("Baton's tensor codec needs a little-endian machine")
@@ -63,3 +63,10 @@ def tensor_from_bytes(buf: bytearray, dtype: int, shape: list[int]) -> torch.Ten
     if expected == 0:
         return torch.empty(shape, dtype=tdtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
+
+
+def check_finite(t: torch.Tensor, what: str, causes: str) -> None:
+    """A stage whose output overflowed fails, naming `what` and the likely `causes`, rather than
+    hand NaN or inf latents on as a result."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise FailedPrecondition(f"{what} holds NaN or inf values; likely causes: {causes}", field="latents")

@@ -228,8 +228,9 @@ class WorkerPool:
         """Calls the live workers of a kind that serve `model` would take now."""
         return sum(max(self.room(w), 0) for w in await self.live(kind, model))
 
-    async def choose(self, kind: str, model: str = "", avoid: frozenset[str] = frozenset(),
-                     light: bool = False) -> tuple[Worker | None, str]:  # fmt: skip
+    async def choose(
+        self, kind: str, model: str = "", avoid: frozenset[str] = frozenset(), light: bool = False
+    ) -> tuple[Worker | None, str]:
         """The worker for a call, or None and why not ("absent" or "busy")."""
         live = await self.live(kind, model)
         if not live:
@@ -305,8 +306,14 @@ class WorkerPool:
                 cause = f"{address}: {describe(exc)}"
                 avoid.add(address)
                 if outcome == LOST:
-                    log.warning("%s lost on %s (%d of %d workers it may lose): %s", what, address, lost + 1,
-                                self.attempts, describe(exc))  # fmt: skip
+                    log.warning(
+                        "%s lost on %s (%d of %d workers it may lose): %s",
+                        what,
+                        address,
+                        lost + 1,
+                        self.attempts,
+                        describe(exc),
+                    )
                     lost += 1
                     self.mark_down(address, STALL_COOLDOWN_S if isinstance(exc, Stalled) else DOWN_COOLDOWN_S)
                     if lost >= self.attempts:

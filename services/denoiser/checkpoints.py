@@ -36,8 +36,8 @@ FORMAT = "baton.window_checkpoint.v1"
 MEDIA_TYPE = "application/x-safetensors"
 LATENTS = "latents"
 STATE_PREFIX = "scheduler."
-# Request fields that label a call or shape its progress events without changing its result.
-NOT_IN_FINGERPRINT = ("preview_every", "job_id", "stage")
+# Request fields that shape a call's progress events without changing its result.
+NOT_IN_FINGERPRINT = ("preview_every",)
 
 
 def blob_name(output_key: str) -> str:
@@ -76,15 +76,20 @@ class Snapshot:
         return save(self.tensors, metadata={"baton": json.dumps(self.header)})
 
 
-def snapshot(latents: torch.Tensor, scheduler: Any, caps: SchedulerCaps, *, fingerprint: str, step: int, total: int,
-             seed: int) -> Snapshot:  # fmt: skip
+def snapshot(
+    latents: torch.Tensor, scheduler: Any, caps: SchedulerCaps, *, fingerprint: str, step: int, total: int, seed: int
+) -> Snapshot:
     """Copies what resuming after `step` of `total` window steps needs; runs on the denoise thread."""
     tensors: dict[str, torch.Tensor] = {}
     header = {
-        "format": FORMAT, "fingerprint": fingerprint, "step": step, "total": total, "seed": seed,
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "step": step,
+        "total": total,
+        "seed": seed,
         "latents": schedulers.pack_value(latents, LATENTS, tensors),
         "scheduler": schedulers.pack_state(scheduler, caps, tensors, prefix=STATE_PREFIX),
-    }  # fmt: skip
+    }
     return Snapshot(header, tensors)
 
 
@@ -105,8 +110,10 @@ class Checkpoint:
             return f"it is from a {self.total}-step window, this one has {total} steps"
         saved = self.tensors[LATENTS]
         if latents.shape != saved.shape or latents.dtype != saved.dtype:
-            return (f"its latents are {saved.dtype} {list(saved.shape)}, the window's are "
-                    f"{latents.dtype} {list(latents.shape)}")  # fmt: skip
+            return (
+                f"its latents are {saved.dtype} {list(saved.shape)}, the window's are "
+                f"{latents.dtype} {list(latents.shape)}"
+            )
         step_index = self.header["scheduler"].get("step_index")
         if step_index is not None and hasattr(scheduler, "set_begin_index") and step_index != begin + self.step:
             return f"its scheduler stood at index {step_index}, this window's would at {begin + self.step}"
@@ -155,8 +162,9 @@ def load(store: BlobStore, name: str, fingerprint: str, caps: SchedulerCaps) -> 
     return found, True
 
 
-def resume_window(job: WindowJob, hooks: StepHooks, scheduler: Any, begin: int, stop: int, latents: torch.Tensor
-                  ) -> tuple[torch.Tensor, int]:  # fmt: skip
+def resume_window(
+    job: WindowJob, hooks: StepHooks, scheduler: Any, begin: int, stop: int, latents: torch.Tensor
+) -> tuple[torch.Tensor, int]:
     """For a family's loop, after it prepared everything as usual: the latents to start from and the
     window step to start at, which are the checkpoint's when the job has one that fits."""
     found = job.resume
@@ -229,8 +237,16 @@ class CheckpointWriter:
 class WindowCheckpoints:
     """One window's checkpoints: every `every` steps in the background, and one at hand-off on drain."""
 
-    def __init__(self, writer: CheckpointWriter, name: str, fingerprint: str, caps: SchedulerCaps, every: int,
-                 seed: int, found: bool):  # fmt: skip
+    def __init__(
+        self,
+        writer: CheckpointWriter,
+        name: str,
+        fingerprint: str,
+        caps: SchedulerCaps,
+        every: int,
+        seed: int,
+        found: bool,
+    ):
         self.writer = writer
         self.name = name
         self.fingerprint = fingerprint
@@ -272,17 +288,21 @@ class WindowCheckpoints:
                 self.writer.write(self.name, self._snapshot(done, total, latents, scheduler))
             except Exception as exc:
                 log.warning("checkpoint %s not written at hand-off: %s", self.name, exc)
-                return Draining(f"this worker is shutting down after step {done} of {total}; the checkpoint "
-                                f"could not be written ({exc}), so another worker resumes from an earlier one "
-                                "or the start")  # fmt: skip
+                return Draining(
+                    f"this worker is shutting down after step {done} of {total}; the checkpoint "
+                    f"could not be written ({exc}), so another worker resumes from an earlier one "
+                    "or the start"
+                )
             self.saved = done
             self.found = True
         else:
             self.writer.settle(self.name, drop=False)
         if self.saved == 0:
             return Draining("this worker is shutting down before the window's first step; another worker runs it")
-        return Draining(f"this worker is shutting down: checkpointed after step {self.saved} of {self.total}; "
-                        "another worker resumes it")  # fmt: skip
+        return Draining(
+            f"this worker is shutting down: checkpointed after step {self.saved} of {self.total}; "
+            "another worker resumes it"
+        )
 
     def finish(self, store: BlobStore) -> None:
         """The window is done: its checkpoint is of no more use. Removing it is tidiness, not a duty (it expires)."""
@@ -295,5 +315,6 @@ class WindowCheckpoints:
             log.info("checkpoint %s left to expire: %s", self.name, exc)
 
     def _snapshot(self, done: int, total: int, latents: torch.Tensor, scheduler: Any) -> Snapshot:
-        return snapshot(latents, scheduler, self.caps, fingerprint=self.fingerprint, step=done, total=total,
-                        seed=self.seed)  # fmt: skip
+        return snapshot(
+            latents, scheduler, self.caps, fingerprint=self.fingerprint, step=done, total=total, seed=self.seed
+        )

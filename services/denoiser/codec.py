@@ -12,6 +12,7 @@ from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.blobs import BlobStore
 from services.common.errors import InvalidArgument
+from services.common.limits import DEFAULT, Limits
 from services.denoiser import vae
 from services.denoiser.cache import ModelCache
 from services.denoiser.inputs import located, read_image, read_latents, read_pixels
@@ -22,25 +23,22 @@ TENSOR_FORMAT = "tensor"
 
 
 class VaeCodec:
-    def __init__(self, store: BlobStore, cache: ModelCache):
+    def __init__(self, store: BlobStore, cache: ModelCache, *, limits: Limits = DEFAULT):
         self.store = store
         self.cache = cache
+        self.limits = limits  # max-pixels of the images Encode decodes
 
     def encode(self, req: dpb.EncodeRequest) -> pb.LatentHandle:
-        if req.image.key and req.images:
-            raise InvalidArgument("give one image or a batch of images, not both", field="images")
-        field = "images" if req.images else "image"
-        handles = list(req.images) or ([req.image] if req.image.key else [])
+        handles = list(req.images)
         if not handles:
-            raise InvalidArgument("an image to encode is required", field="image")
+            raise InvalidArgument("an image to encode is required", field="images")
         with self.cache.use(req.model) as model:
             parts: list[torch.Tensor] = []
             for i, handle in enumerate(handles):
-                where = f"{field}[{i}]" if req.images else field
-                parts.append(located(where, functools.partial(self._pixels, model, handle, req)))
+                parts.append(located(f"images[{i}]", functools.partial(self._pixels, model, handle, req)))
             sizes = {tuple(p.shape[-2:]) for p in parts}
             if len(sizes) > 1:
-                raise InvalidArgument(f"a batch is one size; got {sorted(sizes)} (H, W)", field=field)
+                raise InvalidArgument(f"a batch is one size; got {sorted(sizes)} (H, W)", field="images")
             seed = req.seed if req.HasField("seed") else None
             with model.lock:
                 latents = vae.encode(model, torch.cat(parts), seed=seed)
@@ -60,7 +58,8 @@ class VaeCodec:
     def _pixels(self, model: LoadedModel, handle: pb.BlobHandle, req: dpb.EncodeRequest) -> torch.Tensor:
         pixels = read_pixels(self.store, handle)
         if pixels is None:
-            return vae.to_pixels(model, read_image(self.store, handle, "RGB"), width=req.width, height=req.height)
+            image = read_image(self.store, handle, "RGB", limits=self.limits)
+            return vae.to_pixels(model, image, width=req.width, height=req.height)
         h, w = pixels.shape[-2:]
         if (req.width and req.width != w) or (req.height and req.height != h):
             raise InvalidArgument(f"a pixel tensor is not resized: it is {w}x{h}, not {req.width}x{req.height}")
@@ -82,13 +81,14 @@ class VaeCodec:
         key = req.output_key
         if fmt == TENSOR_FORMAT:
             blob = self.store.put_tensor(pixels.clamp(-1, 1), name=key or None)
-            return dpb.DecodeResponse(image=blob, images=[blob], width=width, height=height)
+            return dpb.DecodeResponse(images=[blob], width=width, height=height)
         blobs = []
         for i, image in enumerate(vae.to_images(model, pixels)):
             buf = io.BytesIO()
             image.save(buf, format=IMAGE_FORMATS[fmt])
             # One image keeps the plain key; a batch names each image under it.
             name = (key if len(pixels) == 1 else f"{key}/{i}") if key else None
-            blobs.append(self.store.put_bytes(buf.getvalue(), media_type=f"image/{IMAGE_FORMATS[fmt].lower()}",
-                                              name=name))  # fmt: skip
-        return dpb.DecodeResponse(image=blobs[0], images=blobs, width=width, height=height)
+            blobs.append(
+                self.store.put_bytes(buf.getvalue(), media_type=f"image/{IMAGE_FORMATS[fmt].lower()}", name=name)
+            )
+        return dpb.DecodeResponse(images=blobs, width=width, height=height)

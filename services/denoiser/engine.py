@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -24,8 +23,13 @@ from PIL import Image
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.blobs import BlobStore
-from services.common.errors import Cancelled, DeadlineExceeded, Draining, FailedPrecondition, InvalidArgument
-from services.denoiser import checkpoints, schedulers
+from services.common.errors import Cancelled, DeadlineExceeded, Draining, FailedPrecondition
+from services.common.family_defaults import DEFAULTS
+from services.common.limits import DEFAULT, Limits
+from services.common.rules import denoise as rules
+from services.common.rules.scheduler import check_scheduler
+from services.common.tensors import check_finite
+from services.denoiser import checkpoints, interrupt, schedulers
 from services.denoiser.cache import ModelCache
 from services.denoiser.checkpoints import CheckpointWriter, WindowCheckpoints
 from services.denoiser.families.base import (
@@ -44,17 +48,29 @@ from services.denoiser.window import DenoiseWindow, cutoff
 
 log = logging.getLogger("baton.denoiser")
 
-MAX_STEPS = 1000
+OVERFLOW_CAUSES = (
+    "float16 weights on a model that needs bfloat16 or float32 (the dtype setting), out-of-range input latents "
+    "(a processor's scale), or an extreme guidance_scale"
+)
+
 STATE_MEDIA_TYPE = "application/x-safetensors"
 
 
 class EngineHooks(StepHooks):
-    """Cancellation, deadline, hand-off on drain, progress and checkpoints for one request."""
+    """Cancellation and deadline (between steps and inside them), hand-off on drain (between steps),
+    progress and checkpoints for one request."""
 
-    def __init__(self, model: LoadedModel, on_step: Callable[[dpb.StepEvent], None], cancelled: Callable[[], bool],
-                 deadline: float | None, preview_every: int, handoff: Callable[[], bool] = lambda: False,
-                 checkpoints: WindowCheckpoints | None = None,
-                 on_resume: Callable[[int], None] = lambda step: None):  # fmt: skip
+    def __init__(
+        self,
+        model: LoadedModel,
+        on_step: Callable[[dpb.StepEvent], None],
+        cancelled: Callable[[], bool],
+        deadline: float | None,
+        preview_every: int,
+        handoff: Callable[[], bool] = lambda: False,
+        checkpoints: WindowCheckpoints | None = None,
+        on_resume: Callable[[int], None] = lambda step: None,
+    ):
         self.model = model
         self.on_step = on_step
         self.cancelled = cancelled
@@ -64,21 +80,45 @@ class EngineHooks(StepHooks):
         self.checkpoints = checkpoints
         self.on_resume = on_resume
         self.start = time.monotonic()
+        # (index, total) of the step running now; None while the window prepares its inputs.
+        self.step: tuple[int, int] | None = None
 
     def before(self, index: int, total: int) -> None:
-        if self.cancelled():
-            raise Cancelled(f"cancelled before step {index + 1} of {total}")
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise DeadlineExceeded(f"deadline passed before step {index + 1} of {total}")
+        self.step = (index, total)
+        self._stop_if_cancelled(lambda: f"before step {index + 1} of {total}")
         if self.handoff():
             if self.checkpoints is None:
-                raise Draining(f"this worker is shutting down before step {index + 1} of {total}; the window "
-                               "restarts from its first step on another worker")  # fmt: skip
+                raise Draining(
+                    f"this worker is shutting down before step {index + 1} of {total}; the window "
+                    "restarts from its first step on another worker"
+                )
             if self.checkpoints.can_hand_off():  # else the second half of a Heun step runs first
                 raise self.checkpoints.hand_off()
 
-    def after(self, index: int, total: int, timestep: float, latents: torch.Tensor, scheduler: Any,
-              preview: Callable[[], torch.Tensor] | None = None) -> None:  # fmt: skip
+    def inside(self) -> None:
+        self._stop_if_cancelled(self._inside)
+
+    def _inside(self) -> str:
+        if self.step is None:
+            return "while the window prepared its inputs, before its first step"
+        return f"inside step {self.step[0] + 1} of {self.step[1]}"
+
+    def _stop_if_cancelled(self, where: Callable[[], str]) -> None:
+        # A flag read and a clock: this runs before every block of the networks, many times a step.
+        if self.cancelled():
+            raise Cancelled(f"cancelled {where()}")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(f"deadline passed {where()}")
+
+    def after(
+        self,
+        index: int,
+        total: int,
+        timestep: float,
+        latents: torch.Tensor,
+        scheduler: Any,
+        preview: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
         event = dpb.StepEvent(step=index + 1, total=total, timestep=timestep, elapsed_s=time.monotonic() - self.start)
         if self.checkpoints is not None:
             event.checkpoint = self.checkpoints.after_step(index + 1, total, latents, scheduler)
@@ -93,11 +133,13 @@ class EngineHooks(StepHooks):
 
 
 class DenoiseEngine:
-    def __init__(self, store: BlobStore, cache: ModelCache, checkpoint_every: int = 0):
+    def __init__(self, store: BlobStore, cache: ModelCache, checkpoint_every: int = 0, limits: Limits = DEFAULT):
         """`checkpoint_every`: window steps between checkpoints (0: only at a drain's hand-off); the
-        service's `checkpoint-every` setting says what a good value costs."""
+        service's `checkpoint-every` setting says what a good value costs. `limits`: the cluster's
+        limits, applied to every request as the gateway applies them at Submit."""
         self.store = store
         self.cache = cache
+        self.limits = limits
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (off) or a step count, got {checkpoint_every}")
         self.checkpoint_every = checkpoint_every
@@ -115,28 +157,42 @@ class DenoiseEngine:
     ) -> pb.LatentHandle:
         """Runs the window; `handoff` turning true (a drain) ends it at the next step boundary with
         Draining, checkpointed when it can resume; `on_resume(k)` says it goes on after step k."""
-        if not 0 < req.steps <= MAX_STEPS:
-            raise InvalidArgument(f"steps must be in 1..{MAX_STEPS}, got {req.steps}", field="steps")
+        self._check(req)
         window = DenoiseWindow(
             req.denoising_start if req.HasField("denoising_start") else 0.0,
             req.denoising_end if req.HasField("denoising_end") else 1.0,
         )
-        if req.HasField("strength") and not 0.0 < req.strength <= 1.0:
-            raise InvalidArgument(f"strength must be in (0, 1], got {req.strength}", field="strength")
         with self.cache.use(req.model) as model:
             incoming = read_latents(self.store, req.latents, req.model, model)
             job, caps = self._job(req, model, window, incoming)
             saving = self._checkpoints(req, model, job, caps)
             hooks = EngineHooks(model, on_step, cancelled, deadline, req.preview_every, handoff, saving, on_resume)
-            with model.lock, torch.no_grad():
+            # Cancel and deadline are checked inside the model calls too, not only between steps.
+            with model.lock, torch.no_grad(), interrupt.checked(model.family.networks(model), hooks.inside):
                 result = model.family.run(model, job, hooks)
+            check_finite(result.latents, "the window's output", OVERFLOW_CAUSES)
             handle = self._output(req, model, job, caps, result)
         if saving is not None:
             saving.finish(self.store)
         return handle
 
-    def _checkpoints(self, req: dpb.DenoiseRequest, model: LoadedModel, job: WindowJob,
-                     caps: schedulers.SchedulerCaps) -> WindowCheckpoints | None:  # fmt: skip
+    def _check(self, req: dpb.DenoiseRequest) -> None:
+        """The rules that need no model: the gateway ran the same ones at Submit."""
+        limits = self.limits
+        rules.check_steps(req.steps, limits)
+        rules.check_window(_optional(req, "denoising_start"), _optional(req, "denoising_end"))
+        rules.check_strength(_optional(req, "strength"))
+        rules.check_guidance(_optional(req, "guidance_scale"), req.guidance_rescale, limits)
+        rules.check_text({f: getattr(req, f) for f in rules.PROMPTS}, req.max_sequence_length, limits)
+        rules.check_preview_every(req.preview_every)
+        rules.check_num_images(req.num_images, limits)
+        rules.check_sources(
+            bool(req.latents.blob.key), bool(req.image.key), bool(req.mask.key), _optional(req, "denoising_start")
+        )
+
+    def _checkpoints(
+        self, req: dpb.DenoiseRequest, model: LoadedModel, job: WindowJob, caps: schedulers.SchedulerCaps
+    ) -> WindowCheckpoints | None:
         """This window's checkpoints, when it has a name to keep them under and resumes exactly; an
         earlier attempt's checkpoint of the same request, found there, goes into the job."""
         if not req.output_key or not checkpoints.resumable(caps):
@@ -150,23 +206,13 @@ class DenoiseEngine:
             job.seed = found.seed  # the seed the earlier attempt drew, when the request left it to chance
         return WindowCheckpoints(self.writer, name, fingerprint, caps, self.checkpoint_every, job.seed, exists)
 
-    def _mode(self, req: dpb.DenoiseRequest, window: DenoiseWindow, incoming: Incoming | None) -> str:
-        has_image = bool(req.image.key)
+    @staticmethod
+    def _mode(req: dpb.DenoiseRequest, incoming: Incoming | None) -> str:
         if req.mask.key:
-            if not has_image:
-                raise InvalidArgument("inpainting needs the image the mask applies to", field="image")
             return INPAINT
-        if has_image:
-            if incoming is not None:
-                raise InvalidArgument("give either an image or latents to start from, not both", field="image")
+        if req.image.key:
             return IMG2IMG
         if incoming is None:
-            if window.start > 0:
-                raise InvalidArgument(
-                    f"a window starting at {window.start} continues latents: give the latents of the stage "
-                    f"that ran up to {window.start}",
-                    field="latents",
-                )
             return TXT2IMG
         if incoming.level >= 1.0:
             return IMG2IMG
@@ -175,24 +221,13 @@ class DenoiseEngine:
     def _job(
         self, req: dpb.DenoiseRequest, model: LoadedModel, window: DenoiseWindow, incoming: Incoming | None
     ) -> tuple[WindowJob, schedulers.SchedulerCaps]:
-        mode = self._mode(req, window, incoming)
+        mode = self._mode(req, incoming)
         partial_in = incoming is not None and 0.0 < incoming.level < 1.0
-        if partial_in:
-            assert incoming is not None
-            level = incoming.level
-            if req.HasField("denoising_start") and not math.isclose(req.denoising_start, level, abs_tol=1e-6):
-                raise InvalidArgument(
-                    f"denoising_start {req.denoising_start} does not match the noise level the latents were left "
-                    f"at ({level}); leave it unset to continue from there",
-                    field="denoising_start",
-                )
-            window = DenoiseWindow(level, window.end)
-        elif mode in (IMG2IMG, INPAINT) and window.start > 0:
-            raise InvalidArgument(
-                "img2img and inpainting start where `strength` says; denoising_start continues partial latents",
-                field="denoising_start",
-            )
-        scheduler, caps, restore = self._scheduler(req, model, incoming)
+        start = rules.window_start(
+            _optional(req, "denoising_start"), incoming.level if incoming else None, bool(req.image.key)
+        )
+        window = DenoiseWindow(start or 0.0, window.end)
+        scheduler, caps, restore = self._scheduler(req, model, incoming, window.partial)
         if window.partial:
             schedulers.check_can_split(caps)
         mu = None
@@ -202,10 +237,14 @@ class DenoiseEngine:
             if incoming.handle.scheduler.HasField("mu"):
                 mu = incoming.handle.scheduler.mu
 
-        image = located("image", lambda: read_image(self.store, req.image, "RGB")) if req.image.key else None
-        mask = located("mask", lambda: read_image(self.store, req.mask, "L")) if req.mask.key else None
+        image = self._image(req.image, "image", "RGB")
+        mask = self._image(req.mask, "mask", "L")
         width, height = self._size(req, model, incoming, image)
+        batch = rules.check_batch(req.num_images, incoming.tensor.shape[0] if incoming is not None else 0)
+        rules.check_latent_elements(batch, model.latent_channels, width, height, model.vae_scale_factor, self.limits)
         strength = req.strength if req.HasField("strength") else model.family.default_strength(mode)
+        if mode in (IMG2IMG, INPAINT):
+            rules.check_runs_a_step(req.steps, strength, DEFAULTS[model.family.name].flow)
         if incoming is not None and incoming.handle.seed and not req.HasField("seed"):
             seed = incoming.handle.seed
         else:
@@ -219,7 +258,7 @@ class DenoiseEngine:
             seed=seed,
             width=width,
             height=height,
-            num_images=self._batch(req, incoming),
+            num_images=batch,
             prompt=req.prompt,
             negative_prompt=req.negative_prompt,
             prompt_2=req.prompt_2,
@@ -237,22 +276,7 @@ class DenoiseEngine:
         )
         return job, caps
 
-    @staticmethod
-    def _batch(req: dpb.DenoiseRequest, incoming: Incoming | None) -> int:
-        if req.num_images < 0:
-            raise InvalidArgument(f"num_images must not be negative, got {req.num_images}", field="num_images")
-        if incoming is None:
-            return max(req.num_images, 1)
-        batch = incoming.tensor.shape[0]
-        if req.num_images and req.num_images != batch:
-            raise InvalidArgument(
-                f"num_images is {req.num_images} but the latents hold a batch of {batch}: continued latents keep "
-                "their batch size",
-                field="num_images",
-            )
-        return batch
-
-    def _scheduler(self, req: dpb.DenoiseRequest, model: LoadedModel, incoming: Incoming | None):
+    def _scheduler(self, req: dpb.DenoiseRequest, model: LoadedModel, incoming: Incoming | None, partial: bool):
         """The scheduler for this window, and a restore function for carried-over state."""
         overrides = MessageToDict(req.scheduler_config) if req.HasField("scheduler_config") else {}
         before = incoming.handle.scheduler if incoming is not None else pb.SchedulerSpec()
@@ -260,6 +284,7 @@ class DenoiseEngine:
         same_model = incoming is not None and bool(before.class_name) and incoming.handle.model == req.model
         name = req.scheduler or (before.class_name if same_model else "") or model.scheduler_class
         continuing = same_model and name == before.class_name and not overrides
+        check_scheduler(name, overrides, partial)
         if continuing:
             scheduler = located("scheduler", lambda: schedulers.scheduler_from_json(name, before.config_json))
         else:
@@ -276,29 +301,22 @@ class DenoiseEngine:
 
         return scheduler, caps, restore
 
+    def _image(self, handle: pb.BlobHandle, fld: str, mode: str) -> Image.Image | None:
+        return located(fld, lambda: read_image(self.store, handle, mode, limits=self.limits)) if handle.key else None
+
     def _size(self, req, model: LoadedModel, incoming: Incoming | None, image: Image.Image | None) -> tuple[int, int]:
         multiple = model.family.size_multiple(model.vae_scale_factor)
         if incoming is not None:
             h, w = incoming.tensor.shape[-2:]
             size = (w * model.vae_scale_factor, h * model.vae_scale_factor)
-            if (req.width and req.width != size[0]) or (req.height and req.height != size[1]):
-                raise InvalidArgument(
-                    f"width x height {req.width}x{req.height} differs from the latents' {size[0]}x{size[1]}",
-                    field="width",
-                )
+            rules.check_same_size(req.width, req.height, *size)
             return size
         if image is not None:
             w, h = image.size
             size = (req.width or w - w % multiple, req.height or h - h % multiple)
         else:
             size = (req.width or model.default_size[0], req.height or model.default_size[1])
-        for name, value in zip(("width", "height"), size, strict=True):
-            if value < multiple or value % multiple:
-                raise InvalidArgument(
-                    f"{name} {value} is not a positive multiple of {multiple}, which {req.model} needs "
-                    f"(VAE scale factor {model.vae_scale_factor})",
-                    field=name,
-                )
+        rules.check_size(*size, multiple, self.limits)
         return size
 
     def _output(
@@ -343,8 +361,19 @@ class DenoiseEngine:
 
 
 # Scheduler settings that shape a flow-matching schedule: windows only line up when they agree.
-SCHEDULE_SHAPE = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
-                  "max_image_seq_len", "num_train_timesteps")  # fmt: skip
+SCHEDULE_SHAPE = (
+    "shift",
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "base_image_seq_len",
+    "max_image_seq_len",
+    "num_train_timesteps",
+)
+
+
+def _optional(message: Any, fld: str) -> Any:
+    return getattr(message, fld) if message.HasField(fld) else None
 
 
 def _check_same_schedule(before: pb.SchedulerSpec, scheduler: Any) -> None:

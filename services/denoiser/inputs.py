@@ -9,12 +9,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.blobs import TENSOR, BlobStore
 from services.common.errors import BatonError, InvalidArgument
+from services.common.limits import DEFAULT, Limits
+from services.common.rules.blobs import check_image_pixels, check_latents_blob, image_size
 from services.denoiser.models import LoadedModel
+
+# Opened by the plugin, not Image.open, so that max-pixels decides and not PIL's own guard.
+IMAGE_FILES: dict[str, type[ImageFile.ImageFile]] = {
+    "PNG": PngImagePlugin.PngImageFile,
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+}
 
 
 def located(field: str, fn: Callable[[], Any]) -> Any:
@@ -47,10 +56,13 @@ def read_latents(store: BlobStore, handle: pb.LatentHandle, model_name: str, mod
             "convert them with an interpose stage first",
             field="latents.space",
         )
-    tensor = located("latents", lambda: store.get_tensor(handle.blob))
+    blob = located("latents", lambda: store.resolve(handle.blob))
+    if blob.media_type == TENSOR:  # anything else get_tensor refuses, saying what the blob holds
+        check_latents_blob(blob.dtype, list(blob.shape), "latents")
+    tensor = located("latents", lambda: store.get_tensor(blob))
     if tensor.ndim == 3:
         tensor = tensor.unsqueeze(0)
-    if tensor.ndim != 4 or tensor.shape[1] != model.latent_channels:
+    if tensor.shape[1] != model.latent_channels:
         raise InvalidArgument(
             f"latents of shape {list(tensor.shape)} do not fit {model_name}: "
             f"it takes [B, {model.latent_channels}, H, W]",
@@ -63,11 +75,14 @@ def read_latents(store: BlobStore, handle: pb.LatentHandle, model_name: str, mod
     return Incoming(handle, tensor)
 
 
-def read_image(store: BlobStore, handle: pb.BlobHandle, mode: str) -> Image.Image:
-    """An encoded image blob (PNG/JPEG/WebP), converted to PIL `mode`."""
-    data = store.get_bytes(handle)
+def read_image(store: BlobStore, handle: pb.BlobHandle, mode: str, *, limits: Limits = DEFAULT) -> Image.Image:
+    """An encoded image blob (PNG/JPEG/WebP), converted to PIL `mode`; its size is checked
+    against max-pixels from its header, before anything is decoded."""
+    data = bytes(store.get_bytes(handle))
+    size = image_size(data)
+    check_image_pixels(size.width, size.height, limits, "")  # the caller names the field (located)
     try:
-        image = Image.open(io.BytesIO(bytes(data)))
+        image = IMAGE_FILES[size.format](io.BytesIO(data))
         image.load()
     except Exception as exc:  # PIL raises several types for bad data
         raise InvalidArgument(f"not a readable image ({handle.media_type or 'unknown type'}): {exc}") from exc

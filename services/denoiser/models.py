@@ -1,4 +1,9 @@
-"""Loading diffusers pipelines from a hub id, a local folder or a single .safetensors file."""
+"""Loading diffusers pipelines from a hub id, a local folder or a single .safetensors file.
+
+Weights load from safetensors only: a pickle (.ckpt, .pt, .bin) can run any code when it is
+loaded, so a pickled checkpoint, or a folder whose weights are pickles, is refused with how to
+convert it, and from_pretrained is told use_safetensors=True (which is what holds for hub ids).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PickledWeights
 from services.common.latent_spaces import LatentSpace
 
 if TYPE_CHECKING:
@@ -19,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("baton.denoiser.models")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 def parse_dtype(name: str, field_name: str = "dtype") -> torch.dtype:
@@ -99,6 +105,33 @@ def _pipeline_class_name(source: str) -> str:
     return str(config["_class_name"])
 
 
+def _refuse_pickled_file(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise PickledWeights(
+            f"{path} is a pickled checkpoint, and unpickling can run any code in it; Baton loads .safetensors "
+            f"only. Convert it once, in an environment you trust: load its state dict with torch.load and save "
+            f"it with safetensors.torch.save_file(state_dict, {path.stem + '.safetensors'!r}), then name that file",
+            field="model",
+        )
+    if path.suffix != ".safetensors":
+        raise InvalidArgument(f"single-file checkpoints must be .safetensors files: {path}", field="model")
+
+
+def _refuse_pickled_folder(folder: Path) -> None:
+    """Refuses a diffusers folder with a component whose weights are pickles and not also safetensors."""
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [p for p in component.iterdir() if p.is_file()]
+        pickles = sorted(p for p in files if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            raise PickledWeights(
+                f"{pickles[0]} is a pickle, and unpickling can run any code in it; Baton loads safetensors "
+                f"weights only. Convert the folder once, in an environment you trust: load it with diffusers' "
+                f"DiffusionPipeline.from_pretrained({str(folder)!r}) and save it with "
+                f"save_pretrained(new_folder, safe_serialization=True), then name the new folder",
+                field="model",
+            )
+
+
 def _single_file_family(path: Path) -> str:
     """Guesses the family of an original-format checkpoint from its tensor names."""
     from safetensors import safe_open
@@ -126,19 +159,28 @@ def load_model(name: str, source: str, options: LoadOptions) -> LoadedModel:
 
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise InvalidArgument(
-                f"single-file checkpoints must be .safetensors (a .ckpt would be unpickled): {source}", field="model"
-            )
+        _refuse_pickled_file(path)
         family = family_by_name(options.family or _single_file_family(path))
         pipe = family.pipeline_class.from_single_file(str(path), config=options.config, dtype=options.dtype)
     else:
+        if path.is_dir():
+            _refuse_pickled_folder(path)
         class_name = _pipeline_class_name(str(path) if path.is_dir() else source)
         family = family_by_name(options.family) if options.family else family_for_pipeline(class_name)
-        kwargs: dict[str, Any] = {"dtype": options.dtype}
+        kwargs: dict[str, Any] = {"dtype": options.dtype, "use_safetensors": True}
         if options.variant:
             kwargs["variant"] = options.variant
-        pipe = family.load(str(path) if path.is_dir() else source, class_name, kwargs)
+        try:
+            pipe = family.load(str(path) if path.is_dir() else source, class_name, kwargs)
+        except OSError as exc:  # diffusers' word for "no safetensors weights in this repo"
+            if "safetensors" not in str(exc):
+                raise
+            raise PickledWeights(
+                f"{source} has no safetensors weights ({str(exc).splitlines()[0]}); Baton loads no pickles. "
+                f"Convert it once, in an environment you trust: load it with diffusers' from_pretrained and "
+                f"save it with save_pretrained(new_folder, safe_serialization=True), then name the new folder",
+                field="model",
+            ) from exc
     pipe.to(options.device)
     pipe.set_progress_bar_config(disable=True)
     vae_config = dict(pipe.vae.config)
@@ -159,9 +201,10 @@ def load_model(name: str, source: str, options: LoadOptions) -> LoadedModel:
         scheduler_config=dict(pipe.scheduler.config),
     )
     log.info(
-        "loaded %s", name,
+        "loaded %s",
+        name,
         extra={"source": source, "family": family.name, "space": model.space.id, "bytes": model.memory_bytes},
-    )  # fmt: skip
+    )
     return model
 
 
@@ -202,7 +245,10 @@ def inspect_model(name: str, source: str, options: LoadOptions) -> ModelCard:
 
     path = Path(source).expanduser()
     if path.is_file():
+        _refuse_pickled_file(path)
         raise FailedPrecondition(f"{path.name} is a single-file checkpoint; load it to learn what it is", field="model")
+    if path.is_dir():
+        _refuse_pickled_folder(path)
     where = str(path) if path.is_dir() else source
     class_name = _pipeline_class_name(where)
     family = family_by_name(options.family) if options.family else family_for_pipeline(class_name)

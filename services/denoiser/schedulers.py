@@ -22,6 +22,7 @@ from safetensors.torch import load, save
 
 from services.common import scheduler_caps
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument
+from services.common.rules.scheduler import check_name
 from services.common.scheduler_caps import EXACT, NEVER, STATE, SchedulerCaps, check_can_split
 
 __all__ = ["EXACT", "NEVER", "STATE", "SchedulerCaps", "capabilities", "check_can_split"]
@@ -58,7 +59,8 @@ def scheduler_class(name: str) -> type[Any]:
     backends = getattr(getattr(diffusers, name, None), "_backends", None)  # a dummy for a missing optional package
     if backends:
         raise FailedPrecondition(f"{name} needs {', '.join(backends)}, not installed here", field="scheduler")
-    raise InvalidArgument(f"unknown scheduler {name!r}; known: {', '.join(scheduler_names())}", field="scheduler")
+    check_name(name)  # names the closest supported class
+    raise InvalidArgument(f"{name} is not a diffusers scheduler class", field="scheduler")
 
 
 def make_scheduler(class_name: str, base_config: Mapping, overrides: Mapping | None = None) -> Any:
@@ -206,8 +208,9 @@ def check_state(scheduler: Any, header: dict) -> None:
         )
 
 
-def apply_state(scheduler: Any, caps: SchedulerCaps, header: dict, tensors: dict[str, torch.Tensor],
-                device: Any = None) -> None:  # fmt: skip
+def apply_state(
+    scheduler: Any, caps: SchedulerCaps, header: dict, tensors: dict[str, torch.Tensor], device: Any = None
+) -> None:
     """Puts the state `header` and `tensors` describe (from pack_state) on a scheduler, after checking it fits."""
     check_state(scheduler, header)
     values = {}

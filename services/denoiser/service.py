@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from services.common import limits
 from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.config import Setting, parse_bool, service_settings
 from services.common.server import Mount, Service
@@ -20,22 +21,32 @@ SETTINGS = service_settings(
     metrics_port=9152,
     worker=True,
     extra=(
+        *limits.SETTINGS,
         Setting("device", "auto", "torch device for models: auto picks cuda when there is one, else cpu"),
-        Setting("dtype", "auto", "model dtype: auto is float16 on GPUs, float32 on CPU",
-                choices=("auto", "float32", "float16", "bfloat16")),
+        Setting(
+            "dtype",
+            "auto",
+            "model dtype: auto is float16 on GPUs, float32 on CPU",
+            choices=("auto", "float32", "float16", "bfloat16"),
+        ),
         Setting("models", "", "aliases, name=source[,name=source]: sources are hub ids, folders or .safetensors"),
         Setting("preload", "", "models (names or sources, comma-separated) loaded before health says SERVING"),
         Setting("max-models", 2, "models kept loaded across jobs (least recently used goes first)", int),
         Setting("memory-budget-gb", 0.0, "device memory for resident models; 0 = no limit", float),
-        Setting("offload-idle", True, "move idle models to host memory over the budget instead of unloading",
-                parse_bool),
+        Setting(
+            "offload-idle", True, "move idle models to host memory over the budget instead of unloading", parse_bool
+        ),
         Setting("load-on-demand", True, "load a model a request names; off serves only loaded models", parse_bool),
         Setting("concurrency", 1, "denoise jobs run at once (each holds its model's lock)", int),
-        Setting("checkpoint-every", DEFAULT_CHECKPOINT_EVERY,
-                "window steps between checkpoints of a window with an output key, so a retry resumes it "
-                "where it stopped; 0 = off (a drain still checkpoints at hand-off)", int),
+        Setting(
+            "checkpoint-every",
+            DEFAULT_CHECKPOINT_EVERY,
+            "window steps between checkpoints of a window with an output key, so a retry resumes it "
+            "where it stopped; 0 = off (a drain still checkpoints at hand-off)",
+            int,
+        ),
     ),
-)  # fmt: skip
+)
 
 
 def parse_aliases(text: str) -> dict[str, str]:
@@ -81,9 +92,11 @@ def build(settings, runtime) -> list[Mount]:
         runtime.before_serving(lambda name=name: executor.submit(cache.load, name).result())
     runtime.before_serving(lambda: inspect_aliases(cache))
     runtime.on_shutdown(lambda: executor.shutdown(wait=False, cancel_futures=True))
-    engine = DenoiseEngine(runtime.store, cache, checkpoint_every=settings.checkpoint_every)
+    engine = DenoiseEngine(
+        runtime.store, cache, checkpoint_every=settings.checkpoint_every, limits=limits.Limits.from_settings(settings)
+    )
     slots = WorkSlots(settings.concurrency, settings.max_queued, on_change=runtime.nudge)
-    servicer = DenoiserServicer(engine, VaeCodec(runtime.store, cache), cache, executor, slots)
+    servicer = DenoiserServicer(engine, VaeCodec(runtime.store, cache, limits=engine.limits), cache, executor, slots)
     runtime.advertise("denoiser", servicer.worker_info)
     runtime.on_drain(servicer.drain)
     return [Mount(servicer, denoiser_pb2_grpc.add_DenoiserServicer_to_server, "baton.v1.Denoiser")]

@@ -44,8 +44,9 @@ def status(phase: str, *, queue_position: int = 0, resumed_from: int = 0) -> dpb
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    def __init__(self, engine: DenoiseEngine, codec: VaeCodec, cache: ModelCache, executor: ThreadPoolExecutor,
-                 slots: WorkSlots):  # fmt: skip
+    def __init__(
+        self, engine: DenoiseEngine, codec: VaeCodec, cache: ModelCache, executor: ThreadPoolExecutor, slots: WorkSlots
+    ):
         self.engine = engine
         self.codec = codec
         self.cache = cache
@@ -61,15 +62,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def worker_info(self, address: str) -> wpb.WorkerInfo:
         """This worker's registry record: its models and how busy it is."""
         loaded = {m.name: m for m, _ in self.cache.entries()}
-        return wpb.WorkerInfo(
+        return self.slots.worker_info(
+            self.cache.defaults.device,
             models=[model_info(card, state, loaded.get(card.name)) for card, state in self.cache.cards()],
             load_on_demand=self.cache.load_on_demand,
-            in_flight=self.slots.running,
-            queued=self.slots.queued,
-            capacity=self.slots.capacity,
-            max_queued=self.slots.max_queued,
-            device=self.cache.defaults.device,
-            accepting=not self.slots.draining,
         )
 
     async def drain(self, deadline: float) -> None:
@@ -101,6 +97,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
+        # The call's end (a Cancel, a client gone, its deadline) stops the window at the network's next
+        # block (interrupt.py): set from the call itself, so it never waits for this generator's close.
+        context.add_done_callback(lambda _: stop.set())
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         started = time.monotonic()
@@ -133,7 +132,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         work = loop.run_in_executor(self.executor, run)
 
         def ended(done: asyncio.Future) -> None:
-            # Not before: a window whose client went away runs to its next step boundary first.
+            # Not before: a window whose client went away runs to the next block of its network first.
             ticket.release()
             if not done.cancelled():
                 done.exception()  # retrieved here when nobody waits for it any more (the client left)
@@ -157,12 +156,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     if not work.done() and not stepped:
                         yield status("preparing", resumed_from=resumed_from)
             latents = work.result()
-            result = dpb.DenoiseResult(latents=latents, elapsed_s=time.monotonic() - started,
-                                       resumed_from=resumed_from)  # fmt: skip
+            result = dpb.DenoiseResult(latents=latents, elapsed_s=time.monotonic() - started, resumed_from=resumed_from)
             yield dpb.DenoiseEvent(result=result)
         finally:
-            # A client that went away (or a passed deadline) stops the window at its next step.
-            stop.set()
+            stop.set()  # the window's own end (an error in this generator) stops it too
 
     async def Encode(self, request, context):
         async with self.slots.admit("encode"):

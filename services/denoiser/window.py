@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import InvalidArgument
+from services.common.rules.denoise import check_strength, check_window
 
 
 def cutoff(fraction: float, num_train_timesteps: int) -> int:
@@ -30,13 +30,7 @@ class DenoiseWindow:
     end: float = 1.0
 
     def __post_init__(self) -> None:
-        for name, value in (("denoising_start", self.start), ("denoising_end", self.end)):
-            if not 0.0 <= value <= 1.0:
-                raise InvalidArgument(f"{name} must be in [0, 1], got {value}", field=name)
-        if self.start >= self.end:
-            raise InvalidArgument(
-                f"denoising_start ({self.start}) must be below denoising_end ({self.end})", field="denoising_start"
-            )
+        check_window(self.start, self.end)
 
     @property
     def partial(self) -> bool:
@@ -73,14 +67,12 @@ def _steps_below(fraction: float, timesteps: torch.Tensor, num_train_timesteps: 
 
 def strength_begin(steps: int, strength: float, order: int = 1) -> int:
     """img2img: the index the schedule starts at for `strength` (diffusers' get_timesteps)."""
-    if not 0.0 < strength <= 1.0:
-        raise InvalidArgument(f"strength must be in (0, 1], got {strength}", field="strength")
+    check_strength(strength)
     init_timestep = min(int(steps * strength), steps)
     return max(steps - init_timestep, 0) * order
 
 
 def flow_strength_begin(steps: int, strength: float, order: int = 1) -> int:
     """img2img start as the flow-matching pipelines (SD3, Flux) compute it: on the unrounded step count."""
-    if not 0.0 < strength <= 1.0:
-        raise InvalidArgument(f"strength must be in (0, 1], got {strength}", field="strength")
+    check_strength(strength)
     return int(max(steps - min(steps * strength, steps), 0)) * order

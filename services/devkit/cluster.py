@@ -33,8 +33,14 @@ PERSISTENCE = {
     # Every write is on disk before Redis answers, so a SIGKILL loses nothing that was acknowledged.
     "aof": ("--save", "", "--appendonly", "yes", "--appendfsync", "always"),
 }
-_CLUSTER_NODE_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                      "--cluster-node-timeout", "5000")  # fmt: skip
+_CLUSTER_NODE_ARGS = (
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "5000",
+)
 MAX_RECEIVE_BYTES = 64 << 20
 
 # Where a child's stdout and stderr go, as Popen takes it: a file (appended to), subprocess.DEVNULL,
@@ -206,9 +212,18 @@ class RedisServer:
                 "or `make setup` as root) or set REDIS_URL to a running Redis"
             )
         return [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1", *PERSISTENCE[self.persistence],
-            "--dir", str(self.workdir), "--protected-mode", "yes", *self.extra_args,
-        ]  # fmt: skip
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            *PERSISTENCE[self.persistence],
+            "--dir",
+            str(self.workdir),
+            "--protected-mode",
+            "yes",
+            *self.extra_args,
+        ]
 
     def start(self, timeout: float = 15.0) -> RedisServer:
         """Start it and wait until it answers PING."""
@@ -294,10 +309,19 @@ class RedisClusterServers:
             for node in self.nodes:
                 node.start()
             subprocess.run(
-                [cli, "--cluster", "create", *(n.address for n in self.nodes), "--cluster-replicas", "0",
-                 "--cluster-yes"],
-                check=True, capture_output=True, timeout=timeout,
-            )  # fmt: skip
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *(n.address for n in self.nodes),
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=timeout,
+            )
             self._wait_cluster_ok(timeout / 2)
         except BaseException:
             self.stop()

@@ -9,7 +9,7 @@ import grpc
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc, processor_pb2_grpc
 from services.common.api.baton.v1 import processor_pb2 as ppb
-from services.common.errors import BatonError, InvalidArgument, NotFound, Unavailable
+from services.common.errors import BatonError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.workers import Worker, WorkerPool
 
 # A lookup never waits longer than this, whatever the caller's deadline.
@@ -43,11 +43,19 @@ class ModelCatalog:
             return await stub.InspectModel(dpb.InspectModelRequest(model=name), timeout=timeout)
 
         try:
-            info = await self.pool.call("denoiser", inspect, deadline=min(deadline, time.time() + LOOKUP_S),
-                                        model=name, what=f"looking up model {name!r}", light=True,
-                                        wait_s=0)  # fmt: skip
+            info = await self.pool.call(
+                "denoiser",
+                inspect,
+                deadline=min(deadline, time.time() + LOOKUP_S),
+                model=name,
+                what=f"looking up model {name!r}",
+                light=True,
+                wait_s=0,
+            )
         except grpc.aio.AioRpcError as exc:
-            raise InvalidArgument(exc.details() or f"unknown model {name!r}") from exc
+            # The denoiser's verdict keeps its kind: pickled weights are a precondition, a typo an argument.
+            kind = FailedPrecondition if exc.code() == grpc.StatusCode.FAILED_PRECONDITION else InvalidArgument
+            raise kind(exc.details() or f"unknown model {name!r}") from exc
         except BatonError as exc:
             raise Unavailable(f"no denoiser answered about model {name!r}: {exc}") from exc
         self._asked[name] = (time.monotonic(), info)
@@ -63,8 +71,14 @@ class ModelCatalog:
             return await stub.ListProcessors(ppb.ListProcessorsRequest(), timeout=timeout)
 
         try:
-            reply = await self.pool.call("processor", listing, deadline=min(deadline, time.time() + LOOKUP_S),
-                                         what="listing processors", light=True, wait_s=0)  # fmt: skip
+            reply = await self.pool.call(
+                "processor",
+                listing,
+                deadline=min(deadline, time.time() + LOOKUP_S),
+                what="listing processors",
+                light=True,
+                wait_s=0,
+            )
         except (BatonError, grpc.aio.AioRpcError):
             return {}
         infos = {p.name: p for p in reply.processors}

@@ -171,8 +171,11 @@ class Dispatcher:
                 continue
             if not await self.jobs.exists(job_id):
                 if await self.jobs.forget(job_id):
-                    log.warning("job %s expired before it finished (its record is gone); it leaves the queue",
-                                job_id, extra={"job_id": job_id})  # fmt: skip
+                    log.warning(
+                        "job %s expired before it finished (its record is gone); it leaves the queue",
+                        job_id,
+                        extra={"job_id": job_id},
+                    )
                 continue
             if await self.jobs.holder(job_id) is not None or await self.jobs.is_queued(job_id):
                 continue

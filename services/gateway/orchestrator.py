@@ -29,7 +29,8 @@ from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.backoff import Backoff
 from services.common.blobs import BlobStore
-from services.common.errors import BatonError, RedisDown, Unavailable
+from services.common.errors import BatonError, BlobNotFound, RedisDown, Unavailable
+from services.common.limits import DEFAULT, Limits
 from services.common.redis_conn import REDIS_DOWN
 from services.common.workers import Worker, WorkerPool
 from services.gateway.catalog import ModelCatalog
@@ -95,9 +96,11 @@ class Orchestrator:
         max_running: int = 64,
         job_timeout_s: float = 3600.0,
         stall_timeout_s: float = 30.0,
+        limits: Limits = DEFAULT,
     ):
         self.jobs = jobs
         self.blobs = blobs
+        self.limits = limits
         self.pool = pool
         self.catalog = catalog
         self.lease_s = lease_s
@@ -108,9 +111,16 @@ class Orchestrator:
         self.runs: dict[str, JobRun] = {}
         self.step_times = StepTimes()
         self.dispatcher = Dispatcher(
-            jobs, pool, self._launch, self._expire, owner=self.owner, lease_s=lease_s, max_running=max_running,
-            job_timeout_s=job_timeout_s, running=lambda: len(self.running),
-        )  # fmt: skip
+            jobs,
+            pool,
+            self._launch,
+            self._expire,
+            owner=self.owner,
+            lease_s=lease_s,
+            max_running=max_running,
+            job_timeout_s=job_timeout_s,
+            running=lambda: len(self.running),
+        )
 
     # -- planning, submitting, cancelling --------------------------------------------------
     async def plan(self, spec: jpb.JobSpec, deadline: float | None = None) -> Plan:
@@ -118,7 +128,25 @@ class Orchestrator:
         deadline = deadline or time.time() + 60
         models = await self.catalog.resolve_all(referenced_models(spec), deadline)
         processors = await self.catalog.processors(deadline) if uses_processors(spec) else {}
-        return Planner(models, await self.pool.kinds(), processors).plan(spec)
+        stored = await self._stored(spec)
+        return Planner(models, await self.pool.kinds(), processors, self.limits, stored).plan(spec)
+
+    async def _stored(self, spec: jpb.JobSpec) -> dict[str, pb.BlobHandle]:
+        """The full handles of the inputs' blobs (a key-only handle names its blob's latest write),
+        each checked to exist: an expired input fails at Submit, not in the middle of the job."""
+        stored = {}
+        for n, item in enumerate(spec.inputs):
+            source = item.WhichOneof("source")
+            blob = item.blob if source == "blob" else item.latents.blob if source == "latents" else None
+            if blob is not None and blob.key:
+                try:
+                    handle = await asyncio.to_thread(self.blobs.resolve, blob)
+                    if not await asyncio.to_thread(self.blobs.exists, handle):
+                        raise BlobNotFound(f"blob {blob.key} has expired or was deleted")
+                except BlobNotFound as exc:
+                    raise exc.at(field=f"inputs[{n}].{source}") from exc
+                stored[blob.key] = handle
+        return stored
 
     async def submit(self, spec: jpb.JobSpec, idempotency_key: str = "", deadline: float | None = None) -> jpb.Job:
         if not spec.HasField("seed"):
@@ -392,9 +420,7 @@ class Orchestrator:
             output = job.outputs.add(stage=out.stage, format=out.format)
             if s.HasField("latents"):
                 output.latents.CopyFrom(s.latents)
-            if s.HasField("image"):
-                output.image.CopyFrom(s.image)
-                output.images.extend(s.images)
+            output.images.extend(s.images)
         await self._finish(run, jpb.JOB_STATE_SUCCEEDED, "")
 
     async def _stage(self, run: JobRun, plan: Plan, name: str, status, done, deadline: float) -> None:
@@ -412,10 +438,11 @@ class Orchestrator:
         call = self._call(job, plan, name, status, deadline)
         if planned.kind == "denoise" and len(call.images) > 1:
             await self._stage_failed(
-                run, s,
+                run,
+                s,
                 f"stage {name!r}: field 'denoise.image': {planned.spec.denoise.image!r} holds {len(call.images)} "
                 "images; img2img takes one: encode them (an encode stage) and start from those latents",
-            )  # fmt: skip
+            )
         model = planned.model.name if planned.model else ""
         call.stall_timeout = lambda stepped: self.step_times.stall_timeout(model, stepped, self.stall_timeout_s)
         call.processors = self._processors(run, call, deadline)
@@ -440,8 +467,15 @@ class Orchestrator:
             return await RUNNERS[planned.kind](channel, call, self._progress(run, s, model))
 
         try:
-            result = await self.pool.call(WORKER_FOR[planned.kind], attempt, deadline=deadline, model=model,
-                                          what=f"stage {name!r}", on_attempt=on_attempt, on_wait=on_wait)  # fmt: skip
+            result = await self.pool.call(
+                WORKER_FOR[planned.kind],
+                attempt,
+                deadline=deadline,
+                model=model,
+                what=f"stage {name!r}",
+                on_attempt=on_attempt,
+                on_wait=on_wait,
+            )
             await self._keep_outputs(run, s, result)
         except grpc.aio.AioRpcError as exc:
             await self._stage_failed(run, s, f"{exc.code().name}: {exc.details()}")
@@ -468,9 +502,7 @@ class Orchestrator:
                 return await asyncio.to_thread(self.blobs.keep_until, image, expires_ms)
 
             kept.append(await self._durable(run, keep))
-        if kept:
-            s.image.CopyFrom(kept[0])
-            s.images.extend(kept)
+        s.images.extend(kept)
 
     def _progress(self, run: JobRun, s: jpb.StageStatus, model: str):
         last: list[float] = []
@@ -491,8 +523,9 @@ class Orchestrator:
             last[:] = [now]
             s.step, s.total, s.waiting = step.step, step.total, ""
             run.dirty = True
-            update = jpb.StepProgress(stage=s.name, step=step.step, total=step.total, timestep=step.timestep,
-                                      preview_png=step.preview_png)  # fmt: skip
+            update = jpb.StepProgress(
+                stage=s.name, step=step.step, total=step.total, timestep=step.timestep, preview_png=step.preview_png
+            )
             await self._event(run, jpb.JobEvent(progress=update), durable=False)
 
         return progress
@@ -502,7 +535,7 @@ class Orchestrator:
 
         async def run_processors(inputs: list[pb.LatentHandle], processors: list[str], key: str) -> pb.LatentHandle:
             async def attempt(channel, worker: Worker, timeout: float) -> pb.LatentHandle:
-                return await process(channel, call, inputs, processors, key, timeout)
+                return await process(channel, inputs, processors, key, timeout)
 
             return await self.pool.call("processor", attempt, deadline=deadline, what=f"the processors of {key}")
 
@@ -518,7 +551,7 @@ class Orchestrator:
         def images_of(ref: str) -> list[pb.BlobHandle]:
             if ref not in status:
                 return [inputs[ref].blob]
-            return list(status[ref].images) or [status[ref].image]
+            return list(status[ref].images)
 
         body = getattr(planned.spec, planned.kind)
         refs = [body.latents] if getattr(body, "latents", "") else []
@@ -526,9 +559,13 @@ class Orchestrator:
         images = images_of(body.image) if getattr(body, "image", "") else []
         mask = getattr(body, "mask", "")
         return StageCall(
-            job_id=job.id, spec=job.spec, stage=planned, latents=[latents_of(r) for r in refs], images=images,
-            mask=images_of(mask)[0] if mask else None, timeout=max(deadline - time.time(), 0.001),
-        )  # fmt: skip
+            job_id=job.id,
+            stage=planned,
+            latents=[latents_of(r) for r in refs],
+            images=images,
+            mask=images_of(mask)[0] if mask else None,
+            timeout=max(deadline - time.time(), 0.001),
+        )
 
     def _keep(self, handle: pb.LatentHandle, expires_ms: int) -> None:
         handle.blob.CopyFrom(self.blobs.keep_until(handle.blob, expires_ms))

@@ -8,26 +8,38 @@ spec runs once workers of that kind are up.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
+from services.common.api.baton.v1 import handles_pb2 as pb
+from services.common.api.baton.v1 import interposer_pb2 as ipb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.api.baton.v1.interposer_pb2 import CONVERSION_METHOD_VAE
 from services.common.errors import BatonError, InvalidArgument, Unavailable
+from services.common.family_defaults import CONTINUE, DEFAULTS, FROM_NOISE, IMG2IMG, INPAINT, TXT2IMG
 from services.common.job_files import OUTPUT_FORMATS
 from services.common.latent_spaces import SPACES
+from services.common.limits import DEFAULT, Limits
 from services.common.processor_uri import check_chains
-from services.common.scheduler_caps import NEVER, capabilities
+from services.common.rules import denoise as rules
+from services.common.rules import located
+from services.common.rules.blobs import check_image_pixels, check_latents_blob, check_tensor_header
+from services.common.rules.scheduler import check_scheduler
 
 LATENTS, IMAGE = "latents", "image"
-# Images one denoise stage may draw; larger batches are several jobs.
-MAX_BATCH = 64
 KINDS = ("denoise", "interpose", "process", "decode", "encode")
 # Which kind of worker runs each stage kind.
-WORKER_FOR = {"denoise": "denoiser", "decode": "denoiser", "encode": "denoiser", "interpose": "interposer",
-              "process": "processor"}  # fmt: skip
+WORKER_FOR = {
+    "denoise": "denoiser",
+    "decode": "denoiser",
+    "encode": "denoiser",
+    "interpose": "interposer",
+    "process": "processor",
+}
 
 
 @dataclass
@@ -54,6 +66,9 @@ class PlannedStage:
     deps: list[str] = field(default_factory=list)
     product: Product = field(default_factory=lambda: Product(LATENTS))
     model: dpb.ModelInfo | None = None
+    # What the stage's worker is sent, every default resolved; the stage fills in input handles
+    # and the output key.
+    request: Message | None = None
 
 
 @dataclass
@@ -84,8 +99,9 @@ def referenced_models(spec: jpb.JobSpec) -> set[str]:
 def uses_processors(spec: jpb.JobSpec) -> bool:
     for stage in spec.stages:
         kind = stage_kind(stage)
-        if kind == "process" or (kind == "denoise" and (stage.denoise.latents_processors or
-                                                        stage.denoise.output_processors)):  # fmt: skip
+        if kind == "process" or (
+            kind == "denoise" and (stage.denoise.latents_processors or stage.denoise.output_processors)
+        ):
             return True
     return False
 
@@ -126,12 +142,23 @@ class Planner:
         models: dict[str, dpb.ModelInfo | BatonError],
         worker_kinds: set[str],
         processors: dict[str, ppb.ProcessorInfo] | None = None,
+        limits: Limits = DEFAULT,
+        stored: dict[str, pb.BlobHandle] | None = None,
     ):
         self.models = models
         self.worker_kinds = worker_kinds
         self.processors = processors or {}
+        self.limits = limits
+        # The manifests Redis holds for the inputs' blobs, by key: what was really uploaded.
+        self.stored = stored or {}
 
     def plan(self, spec: jpb.JobSpec) -> Plan:
+        if not 0 <= spec.timeout_s <= self.limits.max_job_timeout:  # NaN fails this too
+            raise InvalidArgument(
+                f"timeout_s must be 0 (the gateway's default) or a number of seconds up to "
+                f"{self.limits.max_job_timeout:g}, got {spec.timeout_s}",
+                field="timeout_s",
+            )
         inputs = {i.name: self._input(n, i) for n, i in enumerate(spec.inputs)}
         stages: dict[str, PlannedStage] = {}
         for n, stage in enumerate(spec.stages):
@@ -187,7 +214,7 @@ class Planner:
         if found is None:
             raise InvalidArgument("a model is required", stage=stage, field=fld)
         if isinstance(found, BatonError):
-            raise InvalidArgument(found.detail, stage=stage, field=fld)
+            raise found.at(stage=stage, field=fld)
         return found
 
     @staticmethod
@@ -212,118 +239,97 @@ class Planner:
     def _denoise(self, spec: jpb.JobSpec, planned: PlannedStage, products: dict[str, Product]) -> Product:
         body, name = planned.spec.denoise, planned.name
         model = planned.model = self._model(body.model, name, "denoise.model")
-        if body.steps <= 0:
-            raise InvalidArgument(
-                f"steps must be a positive number, got {body.steps}", stage=name, field="denoise.steps"
-            )
-        start = body.denoising_start if body.HasField("denoising_start") else None
-        end = body.denoising_end if body.HasField("denoising_end") else 1.0
-        for fld, value in (("denoise.denoising_start", start), ("denoise.denoising_end", end)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise InvalidArgument(f"must be in [0, 1], got {value}", stage=name, field=fld)
-        if start is not None and start >= end:
-            raise InvalidArgument(f"denoising_start {start} must be below denoising_end {end}", stage=name,
-                                  field="denoise.denoising_start")  # fmt: skip
-        if body.HasField("strength") and not 0 < body.strength <= 1:
-            raise InvalidArgument(
-                f"strength must be in (0, 1], got {body.strength}", stage=name, field="denoise.strength"
-            )
-        if body.mask and not body.image:
-            raise InvalidArgument("inpainting needs the image the mask applies to", stage=name, field="denoise.image")
-        if not 0 <= body.num_images <= MAX_BATCH:
-            raise InvalidArgument(f"must be in 0..{MAX_BATCH} (0 = 1), got {body.num_images}", stage=name,
-                                  field="denoise.num_images")  # fmt: skip
-        batch = self._batch(body, products, name)
+        defaults = DEFAULTS.get(model.family)
+        limits = self.limits
         if (body.latents_processors or body.output_processors) and "processor" not in self.worker_kinds:
-            raise Unavailable("no processor worker is registered to run latents processors; try again once one "
-                              "is up", stage=name, field="denoise.latents_processors")  # fmt: skip
+            raise Unavailable(
+                "no processor worker is registered to run latents processors; try again once one is up",
+                stage=name,
+                field="denoise.latents_processors",
+            )
         for fld in ("latents_processors", "output_processors"):
             if getattr(body, fld):
                 self._chains(list(getattr(body, fld)), 1, name, f"denoise.{fld}")
-        width = body.width or spec.width or model.default_width
-        height = body.height or spec.height or model.default_height
-        scheduler = body.scheduler or model.default_scheduler
         incoming = products.get(body.latents) if body.latents else None
-        if incoming is not None:
-            self._space(incoming, body.latents, model, name, "denoise.latents")
-            self._join(incoming, body.latents, start, name)
-            if incoming.level is not None and 0 < incoming.level < 1:
-                start = incoming.level
-                if not body.scheduler and incoming.model == body.model and incoming.scheduler:
-                    scheduler = incoming.scheduler
-            if incoming.width and incoming.height:
-                for fld, mine, theirs in (
-                    ("width", body.width, incoming.width),
-                    ("height", body.height, incoming.height),
-                ):
-                    if mine and mine != theirs:
-                        raise InvalidArgument(f"{mine} differs from the {theirs} of {body.latents!r}'s latents",
-                                              stage=name, field=f"denoise.{fld}")  # fmt: skip
-                width, height = incoming.width, incoming.height
-        elif start:
-            raise InvalidArgument(
-                f"a window starting at {start} continues latents: name the stage that ran up to {start} in "
-                "denoise.latents",
-                stage=name,
-                field="denoise.latents",
-            )
-        self._size(width, model, name, "denoise.width")
-        self._size(height, model, name, "denoise.height")
-        partial = bool(start) or end < 1.0
-        caps = capabilities(scheduler, {})
-        if partial and caps.split == NEVER:
-            raise InvalidArgument(caps.why, stage=name, field="denoise.scheduler")
-        return Product(LATENTS, model.space, end if end < 1 else 1.0, body.model, scheduler, width, height, batch)
-
-    @staticmethod
-    def _batch(body: jpb.DenoiseStage, products: dict[str, Product], stage: str) -> int:
-        """A denoise stage's batch: its latents', else num_images. An image input is one image."""
         image = products.get(body.image) if body.image else None
-        if image is not None and image.batch > 1:
-            raise InvalidArgument(
-                f"{body.image!r} holds {image.batch} images; img2img takes one: encode them (an encode stage) and "
-                "start from those latents",
-                stage=stage,
-                field="denoise.image",
-            )
-        incoming = products.get(body.latents) if body.latents else None
-        if incoming is None or not incoming.batch:
-            return max(body.num_images, 1) if incoming is None else 0
-        if body.num_images and body.num_images != incoming.batch:
-            raise InvalidArgument(
-                f"num_images is {body.num_images} but {body.latents!r} hands on a batch of {incoming.batch}; "
-                "continued latents keep their batch size",
-                stage=stage,
-                field="denoise.num_images",
-            )
-        return incoming.batch
-
-    @staticmethod
-    def _join(incoming: Product, ref: str, start: float | None, stage: str) -> None:
-        """A consumer's window must begin where its producer's ended."""
-        if start is None or incoming.level is None:
-            return
-        if incoming.level >= 1.0:
-            raise InvalidArgument(
-                f"{ref!r} hands on finished latents; denoising_start continues partly denoised ones. Use strength "
-                "for img2img instead",
-                stage=stage,
-                field="denoise.denoising_start",
-            )
-        if not math.isclose(start, incoming.level, abs_tol=1e-6):
-            raise InvalidArgument(
-                f"the window starts at {start} but {ref!r} stops at {incoming.level}; set denoising_start to "
-                f"{incoming.level} or leave it unset to continue from there",
-                stage=stage,
-                field="denoise.denoising_start",
-            )
+        with located(stage=name, prefix="denoise."):
+            start, end = _optional(body, "denoising_start"), _optional(body, "denoising_end")
+            strength, guidance = _optional(body, "strength"), _optional(body, "guidance_scale")
+            rules.check_steps(body.steps, limits)
+            rules.check_window(start, end)
+            rules.check_strength(strength)
+            rules.check_guidance(guidance, body.guidance_rescale, limits)
+            rules.check_text({f: getattr(body, f) for f in rules.PROMPTS}, body.max_sequence_length, limits)
+            rules.check_preview_every(body.preview_every)
+            rules.check_num_images(body.num_images, limits)
+            rules.check_sources(incoming is not None, image is not None, bool(body.mask), start)
+            if image is not None and image.batch > 1:
+                raise InvalidArgument(
+                    f"{body.image!r} holds {image.batch} images; img2img takes one: encode them (an encode stage) "
+                    "and start from those latents",
+                    field="image",
+                )
+            unknown_batch = incoming is not None and not incoming.batch
+            batch = 0 if unknown_batch else rules.check_batch(body.num_images, incoming.batch if incoming else 0)
+            level = incoming.level if incoming is not None else None
+            mode = _mode(incoming is not None, level, image is not None, bool(body.mask))
+            if incoming is not None:
+                self._space(incoming, body.latents, model, name, "denoise.latents")
+            start = rules.window_start(start, level, image is not None)
+            scheduler = body.scheduler or model.default_scheduler
+            if incoming is not None and incoming.model == body.model and incoming.scheduler and not body.scheduler:
+                scheduler = incoming.scheduler  # the same model continuing its own schedule keeps it
+            config = MessageToDict(body.scheduler_config) if body.HasField("scheduler_config") else {}
+            check_scheduler(scheduler, config, bool(start) or (end is not None and end < 1.0))
+            width, height = body.width or spec.width, body.height or spec.height
+            if incoming is not None and incoming.width and incoming.height:
+                rules.check_same_size(body.width, body.height, incoming.width, incoming.height)
+                width, height = incoming.width, incoming.height
+            elif incoming is None and image is None:
+                width, height = width or model.default_width, height or model.default_height
+            if width and height:
+                rules.check_size(width, height, max(model.size_multiple, 1), limits)
+                if batch:
+                    rules.check_latent_elements(
+                        batch, model.latent_channels, width, height, model.vae_scale_factor, limits
+                    )
+            if mode in (IMG2IMG, INPAINT) and defaults is not None:
+                strength = defaults.strength_for(mode) if strength is None else strength
+                rules.check_runs_a_step(body.steps, strength, defaults.flow)
+            if guidance is None and defaults is not None and mode is not None:
+                guidance = defaults.guidance_for(mode)
+        seed = body.seed if body.HasField("seed") else spec.seed if spec.HasField("seed") else None
+        planned.request = _denoise_request(
+            body,
+            scheduler,
+            start,
+            strength,
+            guidance,
+            seed,
+            0 if incoming is not None else width,
+            0 if incoming is not None else height,
+            batch if incoming is None else 0,
+        )
+        return Product(
+            LATENTS,
+            model.space,
+            end if end is not None and end < 1 else 1.0,
+            body.model,
+            scheduler,
+            width,
+            height,
+            batch,
+        )
 
     def _interpose(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
         body, name = planned.spec.interpose, planned.name
         incoming = products[body.latents]
         if body.target not in SPACES:
-            raise InvalidArgument(f"unknown latent space {body.target!r}; known: {', '.join(SPACES)}", stage=name,
-                                  field="interpose.target")  # fmt: skip
+            raise InvalidArgument(
+                f"unknown latent space {body.target!r}; known: {', '.join(SPACES)}",
+                stage=name,
+                field="interpose.target",
+            )
         if incoming.level is not None and incoming.level < 1.0:
             raise InvalidArgument(
                 f"the interposer converts finished latents only; {body.latents!r} stops at {incoming.level}. "
@@ -332,10 +338,17 @@ class Planner:
                 field="interpose.latents",
             )
         if body.method == CONVERSION_METHOD_VAE and not body.target_model:
-            raise InvalidArgument(f"the VAE round trip encodes with a target model's VAE: name a {body.target} model",
-                                  stage=name, field="interpose.target_model")  # fmt: skip
-        return Product(LATENTS, body.target, 1.0, body.target_model, "", incoming.width, incoming.height,
-                       incoming.batch)  # fmt: skip
+            raise InvalidArgument(
+                f"the VAE round trip encodes with a target model's VAE: name a {body.target} model",
+                stage=name,
+                field="interpose.target_model",
+            )
+        planned.request = ipb.ConvertRequest(
+            target=body.target, method=body.method, source_model=body.source_model, target_model=body.target_model
+        )
+        return Product(
+            LATENTS, body.target, 1.0, body.target_model, "", incoming.width, incoming.height, incoming.batch
+        )
 
     def _process(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
         body, name = planned.spec.process, planned.name
@@ -343,8 +356,16 @@ class Planner:
             raise InvalidArgument("name at least one processor URI", stage=name, field="process.processors")
         chains = self._chains(list(body.processors), 1 + len(body.more_latents), name, "process.processors")
         incoming = products[body.latents]
-        product = Product(LATENTS, incoming.space, incoming.level, incoming.model, incoming.scheduler, incoming.width,
-                          incoming.height, incoming.batch)  # fmt: skip
+        product = Product(
+            LATENTS,
+            incoming.space,
+            incoming.level,
+            incoming.model,
+            incoming.scheduler,
+            incoming.width,
+            incoming.height,
+            incoming.batch,
+        )
         for call, args in chains[0]:
             if call.name == "noise":  # the new level depends on the latents' schedule; the denoiser checks it
                 product.level = None
@@ -352,11 +373,12 @@ class Planner:
                 product.space, product.model = args["target"], args.get("target_model") or ""
             elif call.name in ("resize", "crop"):
                 product.width = product.height = 0
+        planned.request = ppb.ProcessRequest(processors=body.processors)
         return product
 
     def _chains(self, items: list[str], inputs: int, stage: str, fld: str):
         try:
-            return check_chains(items, inputs, self.processors)
+            return check_chains(items, inputs, self.processors, self.limits)
         except InvalidArgument as exc:
             raise InvalidArgument(exc.detail, stage=stage, field=fld) from exc
 
@@ -365,15 +387,20 @@ class Planner:
         incoming = products[body.latents]
         model_name = body.model or incoming.model
         if not model_name:
-            raise InvalidArgument(f"{body.latents!r} names no model; say whose VAE decodes", stage=name,
-                                  field="decode.model")  # fmt: skip
+            raise InvalidArgument(
+                f"{body.latents!r} names no model; say whose VAE decodes", stage=name, field="decode.model"
+            )
         model = planned.model = self._model(model_name, name, "decode.model")
         self._space(incoming, body.latents, model, name, "decode.latents")
+        planned.request = dpb.DecodeRequest(model=model_name)
         return Product(IMAGE, width=incoming.width, height=incoming.height, batch=incoming.batch)
 
     def _encode(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
         body, name = planned.spec.encode, planned.name
         model = planned.model = self._model(body.model, name, "encode.model")
+        planned.request = dpb.EncodeRequest(model=body.model)
+        if body.HasField("seed"):
+            planned.request.seed = body.seed
         return Product(LATENTS, model.space, 1.0, body.model, "", 0, 0, products[body.image].batch)
 
     # -- inputs and outputs ----------------------------------------------------------------
@@ -388,17 +415,46 @@ class Planner:
             )
         if source == "latents":
             handle = spec.latents
+            self._stored_latents(n, handle)
             level = handle.noise.fraction if handle.HasField("noise") else 1.0
             shape = handle.blob.shape
-            return Product(LATENTS, handle.space, level, handle.model, handle.scheduler.class_name, handle.width,
-                           handle.height, shape[0] if len(shape) == 4 else 1 if len(shape) == 3 else 0)  # fmt: skip
+            return Product(
+                LATENTS,
+                handle.space,
+                level,
+                handle.model,
+                handle.scheduler.class_name,
+                handle.width,
+                handle.height,
+                shape[0] if len(shape) == 4 else 1 if len(shape) == 3 else 0,
+            )
         if source == "blob":
             if spec.blob.media_type.startswith("image/"):
+                stored = self.stored.get(spec.blob.key)
+                if stored is not None and len(stored.shape) == 3:  # [H, W, C], read from the header at upload
+                    height, width = int(stored.shape[0]), int(stored.shape[1])
+                    check_image_pixels(width, height, self.limits, f"inputs[{n}].blob")
+                    return Product(IMAGE, width=width, height=height, batch=1)
                 return Product(IMAGE, batch=1)
             raise InvalidArgument(
                 f"blob inputs are images; this one is {spec.blob.media_type!r}", field=f"inputs[{n}].blob"
             )
         raise InvalidArgument("an input needs a path, blob or latents", field=f"inputs[{n}]")
+
+    def _stored_latents(self, n: int, handle: pb.LatentHandle) -> None:
+        """A latents input is what its blob holds: float [C, H, W] or [B, C, H, W], in a known space,
+        and the handle must not disagree with what was stored."""
+        fld = f"inputs[{n}].latents"
+        if handle.space and handle.space not in SPACES:
+            raise InvalidArgument(
+                f"unknown latent space {handle.space!r}; known: {', '.join(SPACES)}", field=f"{fld}.space"
+            )
+        blob = self.stored.get(handle.blob.key) or handle.blob
+        try:
+            check_tensor_header(blob.media_type, blob.dtype, list(blob.shape), blob.byte_size)
+        except InvalidArgument as exc:  # a handle whose shape does not fit the bytes it names
+            raise InvalidArgument(exc.detail, field=f"{fld}.blob.{exc.field.removeprefix('header.')}") from exc
+        check_latents_blob(blob.dtype, list(blob.shape), f"{fld}.blob")
 
     @staticmethod
     def _output(n: int, out: jpb.OutputSpec, products: dict[str, Product], stages: dict[str, PlannedStage]) -> None:
@@ -408,14 +464,80 @@ class Planner:
             )
         fmt = out.format.lower()
         if fmt not in OUTPUT_FORMATS:
-            raise InvalidArgument(f"unknown format {out.format!r}; accepted: {', '.join(OUTPUT_FORMATS)}",
-                                  stage=out.stage, field=f"outputs[{n}].format")  # fmt: skip
+            raise InvalidArgument(
+                f"unknown format {out.format!r}; accepted: {', '.join(OUTPUT_FORMATS)}",
+                stage=out.stage,
+                field=f"outputs[{n}].format",
+            )
         made = products[out.stage].kind
         if OUTPUT_FORMATS[fmt] != made:
             fits = ", ".join(f for f, k in OUTPUT_FORMATS.items() if k == made)
             hint = "; add a decode stage for pictures" if made == LATENTS else ""
-            raise InvalidArgument(f"the stage gives {made}: use {fits}{hint}", stage=out.stage,
-                                  field=f"outputs[{n}].format")  # fmt: skip
+            raise InvalidArgument(
+                f"the stage gives {made}: use {fits}{hint}", stage=out.stage, field=f"outputs[{n}].format"
+            )
+
+
+def _optional(message, fld: str):
+    return getattr(message, fld) if message.HasField(fld) else None
+
+
+def _mode(has_latents: bool, level: float | None, has_image: bool, has_mask: bool) -> str | None:
+    """What a window does with what it starts from; None when the latents' level is unknown until they exist."""
+    if has_mask:
+        return INPAINT
+    if has_image:
+        return IMG2IMG
+    if not has_latents:
+        return TXT2IMG
+    if level is None:
+        return None
+    return IMG2IMG if level >= 1.0 else CONTINUE if level > 0.0 else FROM_NOISE
+
+
+def _denoise_request(
+    body: jpb.DenoiseStage,
+    scheduler: str,
+    start: float | None,
+    strength: float | None,
+    guidance: float | None,
+    seed: int | None,
+    width: int,
+    height: int,
+    num_images: int,
+) -> dpb.DenoiseRequest:
+    """The worker's request with every default the gateway can know resolved; the stage adds its
+    input handles and output key."""
+    request = dpb.DenoiseRequest(
+        model=body.model,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        prompt_2=body.prompt_2,
+        negative_prompt_2=body.negative_prompt_2,
+        prompt_3=body.prompt_3,
+        negative_prompt_3=body.negative_prompt_3,
+        steps=body.steps,
+        scheduler=scheduler,
+        max_sequence_length=body.max_sequence_length,
+        guidance_rescale=body.guidance_rescale,
+        preview_every=body.preview_every,
+        num_images=num_images,
+        width=width,
+        height=height,
+    )
+    if body.HasField("scheduler_config"):
+        request.scheduler_config.CopyFrom(body.scheduler_config)
+    if body.HasField("denoising_end"):
+        request.denoising_end = body.denoising_end
+    for fld, value in (
+        ("denoising_start", start),
+        ("strength", strength),
+        ("guidance_scale", guidance),
+        ("seed", seed),
+    ):
+        if value is not None:
+            setattr(request, fld, value)
+    return request
 
 
 def _topological(stages: dict[str, PlannedStage]) -> list[str]:
@@ -426,8 +548,9 @@ def _topological(stages: dict[str, PlannedStage]) -> list[str]:
         ready = [name for name, deps in pending.items() if not deps]
         if not ready:
             cycle = ", ".join(sorted(pending))
-            raise InvalidArgument(f"stages consume each other in a cycle: {cycle}", stage=sorted(pending)[0],
-                                  field="latents")  # fmt: skip
+            raise InvalidArgument(
+                f"stages consume each other in a cycle: {cycle}", stage=sorted(pending)[0], field="latents"
+            )
         for name in ready:
             order.append(name)
             del pending[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.common import limits
 from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.config import Setting, service_settings
 from services.common.server import Mount, Service
@@ -12,6 +13,7 @@ SETTINGS = service_settings(
     # Watch streams are cheap waits on Redis; batch clients hold thousands of them.
     defaults={"max-concurrency": 4096},
     extra=(
+        *limits.SETTINGS,
         Setting("job-retention", 86400.0, "seconds jobs, their events and their stage outputs are kept", float),
         Setting("job-lease", 10.0, "seconds before another gateway takes over a job whose gateway stopped", float),
         Setting("job-timeout", 3600.0, "default whole-job deadline in seconds (a spec's timeout_s wins)", float),
@@ -65,10 +67,16 @@ def build(settings, runtime) -> list[Mount]:
     }
     pool = worker_pool(settings, runtime, static, worker_wait_s=settings.worker_wait, attempts=settings.stage_attempts)
     orchestrator = Orchestrator(
-        jobs, runtime.store, pool, ModelCatalog(pool), lease_s=settings.job_lease,
-        max_running=settings.max_running_jobs, job_timeout_s=settings.job_timeout,
+        jobs,
+        runtime.store,
+        pool,
+        ModelCatalog(pool),
+        lease_s=settings.job_lease,
+        max_running=settings.max_running_jobs,
+        job_timeout_s=settings.job_timeout,
         stall_timeout_s=settings.stall_timeout,
-    )  # fmt: skip
+        limits=limits.Limits.from_settings(settings),
+    )
     runtime.on_start(orchestrator.start)
     runtime.on_drain(orchestrator.drain)
     runtime.on_shutdown(orchestrator.stop)

@@ -8,8 +8,12 @@ import time
 from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.api.baton.v1 import jobs_pb2 as jpb
-from services.common.blobs import TENSOR, BlobStore
+from services.common.blobs import OCTET, BlobStore
 from services.common.errors import InvalidArgument
+from services.common.rules.blobs import check_upload
+from services.common.rules.scheduler import SUPPORTED
+from services.common.scheduler_caps import capabilities
+from services.common.scheduler_options import OPTIONS
 from services.gateway.jobs import TERMINAL, JobStore
 from services.gateway.orchestrator import Orchestrator
 
@@ -78,12 +82,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     raise InvalidArgument(f"blobs are limited to {self.max_blob_bytes} bytes here", field="data")
         if header is None:
             raise InvalidArgument("the first message must carry the blob's header", field="header")
-        if header.media_type == TENSOR and not header.shape:
-            raise InvalidArgument("a tensor blob needs dtype and shape in its header", field="header.shape")
+        raw, media_type = bytes(data), header.media_type or OCTET
+        # Refused here, naming the header field, rather than later by a worker; an image's size
+        # is recorded (shape [H, W, C]) so that Submit can check it without decoding.
+        shape = await asyncio.to_thread(check_upload, media_type, header.dtype, list(header.shape), header.digest, raw)
         return await asyncio.to_thread(
-            self.blobs.put_bytes, bytes(data), media_type=header.media_type or "application/octet-stream",
-            dtype=header.dtype, shape=list(header.shape),
-        )  # fmt: skip
+            self.blobs.put_bytes, raw, media_type=media_type, dtype=header.dtype, shape=shape
+        )
+
+    async def ListSchedulers(self, request, context):
+        infos = []
+        for name in SUPPORTED:
+            caps = capabilities(name, {})
+            infos.append(
+                gpb.SchedulerInfo(
+                    name=name, split=caps.split, why=caps.why, stochastic=caps.stochastic, options=sorted(OPTIONS[name])
+                )
+            )
+        return gpb.ListSchedulersResponse(schedulers=infos)
 
     async def GetBlob(self, request, context):
         handle = await asyncio.to_thread(self.blobs.resolve, request.blob if request.blob.digest else request.blob.key)

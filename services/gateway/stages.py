@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import (
@@ -21,7 +22,6 @@ from services.common.api.baton.v1 import (
     processor_pb2_grpc,
 )
 from services.common.api.baton.v1 import handles_pb2 as pb
-from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.workers import Stalled
 from services.gateway.planner import PlannedStage
 
@@ -33,10 +33,9 @@ ProcessorCall = Callable[[list[pb.LatentHandle], list[str], str], Awaitable[pb.L
 
 @dataclass
 class StageCall:
-    """What a stage needs besides its spec: its resolved inputs and where to put its result."""
+    """What a stage needs besides its planned request: its resolved inputs and where to put its result."""
 
     job_id: str
-    spec: jpb.JobSpec
     stage: PlannedStage
     latents: list[pb.LatentHandle]
     # The image input: one image, or every image of a batch a decode stage made.
@@ -63,12 +62,9 @@ class StageResult:
     resumed_from: int = 0
 
 
-async def process(channel, call: StageCall, inputs: list[pb.LatentHandle], processors, key: str,
-                  timeout: float) -> pb.LatentHandle:  # fmt: skip
+async def process(channel, inputs: list[pb.LatentHandle], processors, key: str, timeout: float) -> pb.LatentHandle:
     stub = processor_pb2_grpc.ProcessorStub(channel)
-    request = processor_pb2.ProcessRequest(
-        inputs=inputs, processors=processors, output_key=key, job_id=call.job_id, stage=call.stage.name
-    )
+    request = processor_pb2.ProcessRequest(inputs=inputs, processors=processors, output_key=key)
     return (await stub.Process(request, timeout=timeout)).latents
 
 
@@ -92,29 +88,13 @@ async def watched(stream, stall_timeout: Callable[[bool], float]):
 
 async def run_denoise(channel, call: StageCall, progress: Progress) -> StageResult:
     body = call.stage.spec.denoise
-    request = dpb.DenoiseRequest(
-        model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt, prompt_2=body.prompt_2,
-        negative_prompt_2=body.negative_prompt_2, prompt_3=body.prompt_3, negative_prompt_3=body.negative_prompt_3,
-        steps=body.steps, scheduler=body.scheduler, max_sequence_length=body.max_sequence_length,
-        guidance_rescale=body.guidance_rescale, preview_every=body.preview_every, output_key=call.output_key,
-        job_id=call.job_id, stage=call.stage.name, num_images=body.num_images,
-    )  # fmt: skip
-    for fld in ("guidance_scale", "denoising_start", "denoising_end", "strength"):
-        if body.HasField(fld):
-            setattr(request, fld, getattr(body, fld))
-    if body.HasField("scheduler_config"):
-        request.scheduler_config.CopyFrom(body.scheduler_config)
-    if body.HasField("seed") or call.spec.HasField("seed"):
-        request.seed = body.seed if body.HasField("seed") else call.spec.seed
+    request: dpb.DenoiseRequest = _planned(call)
     if call.latents:
         latents = call.latents[0]
         if body.latents_processors:
             assert call.processors is not None
             latents = await call.processors([latents], list(body.latents_processors), f"{call.output_key}/pre")
         request.latents.CopyFrom(latents)
-    else:
-        request.width = body.width or call.spec.width
-        request.height = body.height or call.spec.height
     if call.images:
         request.image.CopyFrom(call.images[0])
     if call.mask is not None:
@@ -136,36 +116,41 @@ async def run_denoise(channel, call: StageCall, progress: Progress) -> StageResu
 
 
 async def run_decode(channel, call: StageCall, progress: Progress) -> StageResult:
-    assert call.stage.model is not None
-    request = dpb.DecodeRequest(model=call.stage.model.name, latents=call.latents[0], output_key=call.output_key)
+    request: dpb.DecodeRequest = _planned(call)
+    request.latents.CopyFrom(call.latents[0])
     reply = await denoiser_pb2_grpc.DenoiserStub(channel).Decode(request, timeout=call.timeout)
-    return StageResult(images=list(reply.images) or [reply.image])
+    return StageResult(images=list(reply.images))
 
 
 async def run_encode(channel, call: StageCall, progress: Progress) -> StageResult:
-    body = call.stage.spec.encode
     assert call.images
-    request = dpb.EncodeRequest(model=body.model, images=call.images, output_key=call.output_key)
-    if body.HasField("seed"):
-        request.seed = body.seed
+    request: dpb.EncodeRequest = _planned(call)
+    request.images.extend(call.images)
     reply = await denoiser_pb2_grpc.DenoiserStub(channel).Encode(request, timeout=call.timeout)
     return StageResult(latents=reply.latents)
 
 
 async def run_interpose(channel, call: StageCall, progress: Progress) -> StageResult:
-    body = call.stage.spec.interpose
-    request = interposer_pb2.ConvertRequest(
-        latents=call.latents[0], target=body.target, method=body.method, source_model=body.source_model,
-        target_model=body.target_model, output_key=call.output_key,
-    )  # fmt: skip
+    request: interposer_pb2.ConvertRequest = _planned(call)
+    request.latents.CopyFrom(call.latents[0])
     reply = await interposer_pb2_grpc.InterposerStub(channel).Convert(request, timeout=call.timeout)
     return StageResult(latents=reply.latents)
 
 
 async def run_process(channel, call: StageCall, progress: Progress) -> StageResult:
     body = call.stage.spec.process
-    latents = await process(channel, call, call.latents, body.processors, call.output_key, call.timeout)
+    latents = await process(channel, call.latents, body.processors, call.output_key, call.timeout)
     return StageResult(latents=latents)
+
+
+def _planned(call: StageCall) -> Any:
+    """A copy of the planner's request for the stage, with the stage's output key."""
+    planned: Any = call.stage.request
+    assert planned is not None, "planned stages carry their request"
+    request = type(planned)()
+    request.CopyFrom(planned)
+    request.output_key = call.output_key
+    return request
 
 
 RUNNERS = {

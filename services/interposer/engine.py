@@ -22,6 +22,7 @@ from services.common.api.baton.v1 import interposer_pb2 as ipb
 from services.common.blobs import BlobStore
 from services.common.errors import BatonError, FailedPrecondition, InvalidArgument, NotFound
 from services.common.latent_spaces import LatentSpace, get_space
+from services.common.tensors import check_finite
 from services.common.workers import WorkerPool
 from services.interposer.net import PUBLISHED_PAIRS, SPACE_TO_PUBLISHED, InterposerNet, convert, load_interposer
 from services.interposer.weights import WeightsLocator
@@ -105,19 +106,32 @@ class InterposerEngine:
     def _by_net(self, req: ipb.ConvertRequest, pair, source: LatentSpace, target: LatentSpace) -> pb.LatentHandle:
         latents = self.store.get_tensor(req.latents.blob)
         if latents.ndim != 4 or latents.shape[1] != source.channels:
-            raise InvalidArgument(f"{source.id} latents are [B, {source.channels}, H, W], got {list(latents.shape)}",
-                                  field="latents")  # fmt: skip
+            raise InvalidArgument(
+                f"{source.id} latents are [B, {source.channels}, H, W], got {list(latents.shape)}", field="latents"
+            )
         if req.latents.scaling == pb.LATENT_SCALING_RAW:
             latents = source.to_model(latents)
         out = convert(self.net(pair), latents.to(self.device), source, target).cpu()
+        check_finite(
+            out,
+            "the conversion's output",
+            "input latents far outside the source space's range, or "
+            "float16 interposer weights that overflowed (the dtype setting)",
+        )
         return self._handle(req, out, target.id, req.target_model)
 
     def _handle(self, req: ipb.ConvertRequest, latents: torch.Tensor, space: str, model: str) -> pb.LatentHandle:
         blob = self.store.put_tensor(latents, name=req.output_key or None)
         return pb.LatentHandle(
-            blob=blob, space=space, scaling=pb.LATENT_SCALING_MODEL, noise=pb.NoiseLevel(fraction=1.0),
-            seed=req.latents.seed, width=req.latents.width, height=req.latents.height, model=model,
-        )  # fmt: skip
+            blob=blob,
+            space=space,
+            scaling=pb.LATENT_SCALING_MODEL,
+            noise=pb.NoiseLevel(fraction=1.0),
+            seed=req.latents.seed,
+            width=req.latents.width,
+            height=req.latents.height,
+            model=model,
+        )
 
     async def _by_vae(self, req: ipb.ConvertRequest, target: LatentSpace, deadline: float) -> pb.LatentHandle:
         source_model = req.source_model or req.latents.model
@@ -133,25 +147,29 @@ class InterposerEngine:
 
         async def decode(channel, worker, timeout: float):
             # Pixels travel as a float tensor: no 8-bit rounding between the two VAEs.
-            request = dpb.DecodeRequest(model=source_model, latents=req.latents, format="tensor",
-                                        output_key=f"{key}/decoded" if key else "")  # fmt: skip
+            request = dpb.DecodeRequest(
+                model=source_model, latents=req.latents, format="tensor", output_key=f"{key}/decoded" if key else ""
+            )
             return await denoiser_pb2_grpc.DenoiserStub(channel).Decode(request, timeout=timeout)
 
         async def encode(channel, worker, timeout: float):
-            request = dpb.EncodeRequest(model=req.target_model, image=decoded.image, output_key=key)
+            request = dpb.EncodeRequest(model=req.target_model, images=decoded.images, output_key=key)
             return await denoiser_pb2_grpc.DenoiserStub(channel).Encode(request, timeout=timeout)
 
         try:
-            decoded = await self.denoisers.call("denoiser", decode, deadline=deadline, model=source_model,
-                                                what="the VAE round trip's decode")  # fmt: skip
-            encoded = await self.denoisers.call("denoiser", encode, deadline=deadline, model=req.target_model,
-                                                what="the VAE round trip's encode")  # fmt: skip
+            decoded = await self.denoisers.call(
+                "denoiser", decode, deadline=deadline, model=source_model, what="the VAE round trip's decode"
+            )
+            encoded = await self.denoisers.call(
+                "denoiser", encode, deadline=deadline, model=req.target_model, what="the VAE round trip's encode"
+            )
         except grpc.aio.AioRpcError as exc:
             raise FailedPrecondition(f"the VAE round trip failed: {exc.details()}", field="source_model") from exc
         latents = encoded.latents
         if latents.space != target.id:
-            raise InvalidArgument(f"{req.target_model} encodes into {latents.space!r}, not {target.id!r}",
-                                  field="target_model")  # fmt: skip
+            raise InvalidArgument(
+                f"{req.target_model} encodes into {latents.space!r}, not {target.id!r}", field="target_model"
+            )
         latents.seed, latents.width, latents.height = req.latents.seed, req.latents.width, req.latents.height
         return latents
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.common import limits
 from services.common.api.baton.v1 import interposer_pb2_grpc
 from services.common.config import Setting, service_settings
 from services.common.server import Mount, Service
@@ -11,6 +12,7 @@ SETTINGS = service_settings(
     metrics_port=9153,
     worker=True,
     extra=(
+        *limits.SETTINGS,
         Setting("interposer-dir", "", "folder of {src}-to-{dst}_interposer-v4.0.safetensors files"),
         Setting(
             "interposer-repo", "city96/SD-Latent-Interposer", "hub repo to fetch missing weights from, if reachable"

@@ -23,7 +23,4 @@ class InterposerServicer(interposer_pb2_grpc.InterposerServicer):
         return ipb.ListConversionsResponse(conversions=self.engine.conversions())
 
     def worker_info(self, address: str) -> wpb.WorkerInfo:
-        return wpb.WorkerInfo(
-            in_flight=self.slots.running, queued=self.slots.queued, capacity=self.slots.capacity,
-            max_queued=self.slots.max_queued, device=self.engine.device, accepting=not self.slots.draining,
-        )  # fmt: skip
+        return self.slots.worker_info(self.engine.device)

@@ -1,4 +1,8 @@
-"""Where interposer weights come from: a local folder (BATON_INTERPOSER_DIR), else the hub."""
+"""Where interposer weights come from: a local folder (BATON_INTERPOSER_DIR), else the hub.
+
+Only safetensors files are read: a pickled copy of a net (.pt, .pth, .bin, .ckpt) in the
+folder is refused with how to convert it, since unpickling can run any code in the file.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ import logging
 import os
 from pathlib import Path
 
-from services.common.errors import NotFound
+from services.common.errors import NotFound, PickledWeights
 from services.interposer.net import PUBLISHED_PAIRS, weights_filename
 
 log = logging.getLogger("baton.interposer")
 HUB_SUBFOLDER = "v4.0"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 class WeightsLocator:
@@ -32,6 +37,7 @@ class WeightsLocator:
         path = self.local(src, dst)
         if path is not None:
             return path
+        self._refuse_pickled(name)
         tried = [f"folder {self.folder}" if self.folder else "no folder (set BATON_INTERPOSER_DIR)"]
         if self.repo and os.environ.get("HF_HUB_OFFLINE", "") not in ("1", "true", "yes"):
             from huggingface_hub import hf_hub_download
@@ -43,6 +49,18 @@ class WeightsLocator:
         elif self.repo:
             tried.append(f"hub repo {self.repo} (offline)")
         raise NotFound(f"the {src}->{dst} interposer needs {name}; looked in: {'; '.join(tried)}")
+
+    def _refuse_pickled(self, name: str) -> None:
+        if self.folder is None:
+            return
+        for suffix in PICKLE_SUFFIXES:
+            pickled = self.folder / Path(name).with_suffix(suffix)
+            if pickled.is_file():
+                raise PickledWeights(
+                    f"{pickled} is a pickle, and unpickling can run any code in it; the interposer loads "
+                    f"safetensors only. Convert it once, in an environment you trust: load its state dict with "
+                    f"torch.load and save it with safetensors.torch.save_file(state_dict, {name!r}) in {self.folder}"
+                )
 
     def available(self) -> list[tuple[str, str, Path]]:
         """Published pairs whose weights are in the local folder."""

@@ -20,7 +20,9 @@ from services.common.api.baton.v1 import interposer_pb2_grpc
 from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.blobs import BlobStore
 from services.common.errors import BatonError, FailedPrecondition, InvalidArgument, Unavailable
+from services.common.limits import DEFAULT, Limits
 from services.common.processor_uri import check_chains
+from services.common.tensors import check_finite
 from services.common.workers import Worker, WorkerPool
 from services.processor.registry import REGISTRY, Context, Latents
 
@@ -39,12 +41,14 @@ class InterposerClient:
         """Remembers the server's event loop, where the pool's channels live."""
         self.loop = asyncio.get_running_loop()
 
-    def __call__(self, handle: pb.LatentHandle, target: str, method: str, source_model: str, target_model: str,
-                 deadline: float) -> pb.LatentHandle:  # fmt: skip
+    def __call__(
+        self, handle: pb.LatentHandle, target: str, method: str, source_model: str, target_model: str, deadline: float
+    ) -> pb.LatentHandle:
         if self.loop is None:
             raise Unavailable("the processor is not serving yet")
-        request = ipb.ConvertRequest(latents=handle, target=target, method=METHODS[method], source_model=source_model,
-                                     target_model=target_model)  # fmt: skip
+        request = ipb.ConvertRequest(
+            latents=handle, target=target, method=METHODS[method], source_model=source_model, target_model=target_model
+        )
 
         async def convert(channel, worker: Worker, timeout: float) -> pb.LatentHandle:
             return (await interposer_pb2_grpc.InterposerStub(channel).Convert(request, timeout=timeout)).latents
@@ -59,8 +63,9 @@ class InterposerClient:
 
 
 class ProcessorEngine:
-    def __init__(self, store: BlobStore, device: str, convert: Callable | None = None):
+    def __init__(self, store: BlobStore, device: str, convert: Callable | None = None, limits: Limits = DEFAULT):
         self.store = store
+        self.limits = limits
         self.device = device
         self.convert = convert
 
@@ -71,7 +76,8 @@ class ProcessorEngine:
         if not req.inputs:
             raise InvalidArgument("at least one input is required", field="inputs")
         try:
-            chains = check_chains(req.processors, len(req.inputs), {n: d.info() for n, d in REGISTRY.items()})
+            known = {n: d.info() for n, d in REGISTRY.items()}
+            chains = check_chains(req.processors, len(req.inputs), known, self.limits)
         except BatonError as exc:
             raise exc.at(field="processors") from exc
         inputs = []
@@ -99,6 +105,11 @@ class ProcessorEngine:
                     x = definition.fn(ctx, x, *others, **kwargs)
                 except BatonError as exc:
                     raise exc.at(field="processors") from exc
+                check_finite(
+                    x.tensor,
+                    f"the output of {call.name}",
+                    "its arguments (a scale factor too large for the latents' dtype) or NaN/inf in its input",
+                )
             results[i] = x
         outputs = []
         for i, result in enumerate(results):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,14 +102,3 @@ def load_plugins(names: str) -> None:
     """Imports extra processor modules (comma-separated dotted names)."""
     for name in filter(None, (n.strip() for n in names.split(","))):
         importlib.import_module(name)
-
-
-@dataclass
-class Catalog:
-    """The registered processors as the API describes them."""
-
-    infos: dict[str, ppb.ProcessorInfo] = field(default_factory=dict)
-
-    @classmethod
-    def current(cls) -> Catalog:
-        return cls({name: d.info() for name, d in sorted(REGISTRY.items())})

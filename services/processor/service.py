@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.common import limits
 from services.common.api.baton.v1 import processor_pb2_grpc
 from services.common.config import Setting, service_settings
 from services.common.server import Mount, Service
@@ -11,6 +12,7 @@ SETTINGS = service_settings(
     metrics_port=9154,
     worker=True,
     extra=(
+        *limits.SETTINGS,
         Setting("device", "auto", "default torch device of processors: auto picks cuda when there is one"),
         Setting("plugins", "", "extra processor modules to import (comma-separated dotted names)"),
         Setting("interposers", "", "static interposer addresses for the interposer processor, besides the registry"),
@@ -37,7 +39,9 @@ def build(settings, runtime) -> list[Mount]:
     runtime.on_shutdown(pool.close)
     # One chain at a time: the engine runs torch on one thread.
     slots = WorkSlots(1, settings.max_queued, runtime.nudge)
-    servicer = ProcessorServicer(ProcessorEngine(runtime.store, device, convert), slots)
+    servicer = ProcessorServicer(
+        ProcessorEngine(runtime.store, device, convert, limits.Limits.from_settings(settings)), slots
+    )
     runtime.advertise("processor", servicer.worker_info)
     runtime.on_drain(slots.close)
     return [Mount(servicer, processor_pb2_grpc.add_ProcessorServicer_to_server, "baton.v1.Processor")]

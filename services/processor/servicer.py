@@ -32,7 +32,4 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServicer):
         return ppb.ListProcessorsResponse(processors=[d.info() for _, d in sorted(REGISTRY.items())])
 
     def worker_info(self, address: str) -> wpb.WorkerInfo:
-        return wpb.WorkerInfo(
-            in_flight=self.slots.running, queued=self.slots.queued, capacity=self.slots.capacity,
-            max_queued=self.slots.max_queued, device=self.engine.device, accepting=not self.slots.draining,
-        )  # fmt: skip
+        return self.slots.worker_info(self.engine.device)

@@ -9,14 +9,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+# The modes are the gateway's too; families import them from here.
+from services.common.family_defaults import CONTINUE as CONTINUE
+from services.common.family_defaults import DEFAULTS, IMG2IMG, INPAINT
+from services.common.family_defaults import FROM_NOISE as FROM_NOISE
+from services.common.family_defaults import TXT2IMG as TXT2IMG
 from services.common.latent_spaces import LatentSpace
 from services.denoiser.window import DenoiseWindow, strength_begin
 
 if TYPE_CHECKING:
     from services.denoiser.checkpoints import Checkpoint
-
-# Where the incoming latents stand: none, initial noise, part-way, or finished.
-TXT2IMG, FROM_NOISE, CONTINUE, IMG2IMG, INPAINT = "txt2img", "from_noise", "continue", "img2img", "inpaint"
 
 
 @dataclass
@@ -73,8 +75,18 @@ class StepHooks:
     def before(self, index: int, total: int) -> None:
         pass
 
-    def after(self, index: int, total: int, timestep: float, latents: torch.Tensor, scheduler: Any,
-              preview: Callable[[], torch.Tensor] | None = None) -> None:  # fmt: skip
+    def inside(self) -> None:
+        """Called before every block of the window's networks (interrupt.py): may raise to cancel."""
+
+    def after(
+        self,
+        index: int,
+        total: int,
+        timestep: float,
+        latents: torch.Tensor,
+        scheduler: Any,
+        preview: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
         """`latents` as the loop holds them and `scheduler` after the step: what a checkpoint saves;
         `preview` gives the [B, C, H, W] form when the loop holds another (Flux packs its latents)."""
 
@@ -97,6 +109,10 @@ class Family:
     # Where the denoising network's config lives in a diffusers folder.
     denoiser_subfolder: str = "unet"
 
+    def networks(self, model: Any) -> list[Any]:
+        """What a window runs that can take long: the denoising network, and the VAE (img2img's input)."""
+        return [getattr(model.pipe, self.denoiser_subfolder, None), getattr(model.pipe, "vae", None)]
+
     def latent_space(self, vae_config: dict) -> LatentSpace:
         """The model's latent space, with the constants its VAE config states."""
         raise NotImplementedError
@@ -107,12 +123,12 @@ class Family:
         return side, side
 
     def default_guidance(self, mode: str) -> float:
-        """diffusers' default guidance scale for the pipeline that runs `mode`."""
-        return 7.5
+        """diffusers' default guidance scale for the pipeline that runs `mode` (the gateway's table)."""
+        return DEFAULTS[self.name].guidance_for(mode)
 
     def default_strength(self, mode: str) -> float:
         """diffusers' default strength for img2img / inpainting in this family."""
-        return 1.0 if mode == INPAINT else 0.8
+        return DEFAULTS[self.name].strength_for(mode)
 
     def size_multiple(self, vae_scale_factor: int) -> int:
         """Image sizes must be multiples of this (in pixels)."""

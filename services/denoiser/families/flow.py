@@ -13,9 +13,6 @@ from services.denoiser.window import flow_strength_begin
 class FlowFamily(Family):
     denoiser_subfolder = "transformer"
 
-    def default_strength(self, mode: str) -> float:
-        return 0.6
-
     def size_multiple(self, vae_scale_factor: int) -> int:
         return vae_scale_factor * 2  # latents go through the transformer in 2x2 patches
 

@@ -43,17 +43,19 @@ class Flux(FlowFamily):
         side = 128 * vae_scale_factor  # FluxPipeline.default_sample_size: the transformer config has none
         return side, side
 
-    def default_guidance(self, mode: str) -> float:
-        return 7.0 if mode == IMG2IMG else 3.5  # FluxImg2ImgPipeline's default differs from FluxPipeline's
-
     def mu(self, pipe: Any, job: WindowJob) -> float:
         """The resolution-dependent shift, or the producer's when continuing its schedule."""
         if job.mu is not None:
             return job.mu
         config = pipe.scheduler.config
         seq_len = (job.height // pipe.vae_scale_factor // 2) * (job.width // pipe.vae_scale_factor // 2)
-        return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                               config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+        return calculate_shift(
+            seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
 
     def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
         if job.mode == INPAINT:
@@ -65,16 +67,20 @@ class Flux(FlowFamily):
         gen = torch.Generator("cpu").manual_seed(job.seed)
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
         embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=job.prompt, prompt_2=job.prompt_2 or None, device=device, num_images_per_prompt=job.num_images,
+            prompt=job.prompt,
+            prompt_2=job.prompt_2 or None,
+            device=device,
+            num_images_per_prompt=job.num_images,
             max_sequence_length=job.max_sequence_length or 512,
-        )  # fmt: skip
+        )
         dtype = embeds.dtype
         channels = pipe.transformer.config.in_channels // 4
         vsf = pipe.vae_scale_factor
         h, w = 2 * (job.height // (vsf * 2)), 2 * (job.width // (vsf * 2))
         if job.mode == TXT2IMG:
-            latents, image_ids = pipe.prepare_latents(job.num_images, channels, job.height, job.width, dtype,
-                                                      device, gen)  # fmt: skip
+            latents, image_ids = pipe.prepare_latents(
+                job.num_images, channels, job.height, job.width, dtype, device, gen
+            )
         mu = self.mu(pipe, job)
         # FluxPipeline's own sigmas, unless the scheduler makes its own flow sigmas.
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / job.steps, job.steps)
@@ -91,8 +97,9 @@ class Flux(FlowFamily):
         elif job.mode == IMG2IMG:
             image = self.img2img_input(model, pipe, job)
             first = timesteps[begin : begin + 1].repeat(job.num_images)
-            latents, image_ids = pipe.prepare_latents(image, first, job.num_images, channels, job.height,
-                                                      job.width, dtype, device, gen)  # fmt: skip
+            latents, image_ids = pipe.prepare_latents(
+                image, first, job.num_images, channels, job.height, job.width, dtype, device, gen
+            )
         embedded = None
         if pipe.transformer.config.guidance_embeds:
             embedded = torch.full([1], guidance, device=device, dtype=torch.float32).expand(latents.shape[0])
@@ -101,9 +108,16 @@ class Flux(FlowFamily):
         for i, t in enumerate(window[skip:], start=skip):
             hooks.before(i, len(window))
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            v = pipe.transformer(hidden_states=latents, timestep=timestep / 1000, guidance=embedded,
-                                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                                 img_ids=image_ids, return_dict=False)[0]  # fmt: skip
+            v = pipe.transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=embedded,
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
             preview = functools.partial(pipe._unpack_latents, latents, job.height, job.width, vsf)
             hooks.after(i, len(window), float(t), latents, scheduler, preview=preview)

@@ -33,9 +33,6 @@ class SD3(FlowFamily):
     def latent_space(self, vae_config: dict) -> LatentSpace:
         return get_space("sd3").with_vae_config(vae_config)
 
-    def default_guidance(self, mode: str) -> float:
-        return 7.0
-
     def schedule_kwargs(self, pipe: Any, job: WindowJob) -> dict:
         """set_timesteps arguments: the producer's mu, else the pipeline's own (dynamic shifting only)."""
         if job.mu is not None:
@@ -45,8 +42,13 @@ class SD3(FlowFamily):
             return {}
         patch = pipe.transformer.config.patch_size
         seq_len = (job.height // pipe.vae_scale_factor // patch) * (job.width // pipe.vae_scale_factor // patch)
-        mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.16))  # fmt: skip
+        mu = calculate_shift(
+            seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
         return {"mu": mu}
 
     def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
@@ -60,11 +62,17 @@ class SD3(FlowFamily):
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
         do_cfg = guidance > 1
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=job.prompt, prompt_2=job.prompt_2 or None, prompt_3=job.prompt_3 or None, device=device,
-            num_images_per_prompt=job.num_images, do_classifier_free_guidance=do_cfg,
-            negative_prompt=job.negative_prompt or None, negative_prompt_2=job.negative_prompt_2 or None,
-            negative_prompt_3=job.negative_prompt_3 or None, max_sequence_length=job.max_sequence_length or 256,
-        )  # fmt: skip
+            prompt=job.prompt,
+            prompt_2=job.prompt_2 or None,
+            prompt_3=job.prompt_3 or None,
+            device=device,
+            num_images_per_prompt=job.num_images,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=job.negative_prompt or None,
+            negative_prompt_2=job.negative_prompt_2 or None,
+            negative_prompt_3=job.negative_prompt_3 or None,
+            max_sequence_length=job.max_sequence_length or 256,
+        )
         if do_cfg:
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         dtype = embeds.dtype
@@ -90,8 +98,13 @@ class SD3(FlowFamily):
         for i, t in enumerate(window[skip:], start=skip):
             hooks.before(i, len(window))
             x = torch.cat([latents] * 2) if do_cfg else latents
-            v = pipe.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=embeds,
-                                 pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
+            v = pipe.transformer(
+                hidden_states=x,
+                timestep=t.expand(x.shape[0]),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
             if do_cfg:
                 uncond, text = v.chunk(2)
                 v = uncond + guidance * (text - uncond)

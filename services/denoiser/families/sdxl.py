@@ -12,7 +12,7 @@ from diffusers import (
 )
 
 from services.common.latent_spaces import LatentSpace, get_space
-from services.denoiser.families.base import INPAINT, TXT2IMG, WindowJob
+from services.denoiser.families.base import TXT2IMG, WindowJob
 from services.denoiser.families.unet import UNetFamily
 
 
@@ -30,12 +30,6 @@ class SDXL(UNetFamily):
         "StableDiffusionXLImg2ImgPipeline",
         "StableDiffusionXLInpaintPipeline",
     )
-
-    def default_guidance(self, mode: str) -> float:
-        return 7.5 if mode == INPAINT else 5.0
-
-    def default_strength(self, mode: str) -> float:
-        return 0.9999 if mode == INPAINT else 0.3
 
     def load(self, source: str, class_name: str, kwargs: dict[str, Any]) -> Any:
         # A refiner repo (img2img class, no first text encoder) loads as itself; from_pipe
@@ -77,9 +71,17 @@ class SDXL(UNetFamily):
             negative_time_ids = time_ids
         else:  # img2img / inpaint pipelines condition on an aesthetic score when the model wants one
             time_ids, negative_time_ids = pipe._get_add_time_ids(
-                size, (0, 0), size, 6.0, 2.5, size, (0, 0), size, dtype=dtype,
+                size,
+                (0, 0),
+                size,
+                6.0,
+                2.5,
+                size,
+                (0, 0),
+                size,
+                dtype=dtype,
                 text_encoder_projection_dim=projection_dim,
-            )  # fmt: skip
+            )
         time_ids = time_ids.repeat(job.num_images, 1)
         text_embeds = pooled
         if do_cfg:

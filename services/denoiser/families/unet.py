@@ -3,7 +3,8 @@
 Inputs are prepared with the family's own diffusers pipelines (text-to-image, img2img,
 inpaint: one set of weights shared through `from_pipe`), so each mode draws its noise and
 encodes its images exactly as the matching diffusers pipeline does; the loop itself is ours,
-so that it can stop at a window's end, report every step, and be cancelled between steps.
+so that it can stop at a window's end, report every step, and be cancelled between steps (and
+inside them: interrupt.py).
 """
 
 from __future__ import annotations
@@ -125,9 +126,13 @@ class UNetFamily(Family):
             if inpaint is not None and inpaint.masked_image_latents is not None:
                 x = torch.cat([x, inpaint.mask, inpaint.masked_image_latents], dim=1)
             noise_pred = pipe.unet(
-                x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, added_cond_kwargs=added,
+                x,
+                t,
+                encoder_hidden_states=embeds,
+                timestep_cond=timestep_cond,
+                added_cond_kwargs=added,
                 return_dict=False,
-            )[0]  # fmt: skip
+            )[0]
             if do_cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + guidance * (text - uncond)
@@ -146,10 +151,19 @@ class UNetFamily(Family):
         channels = pipe.vae.config.latent_channels
         strength_max = job.strength == 1.0 and job.latents is None
         latents, noise, *rest = pipe.prepare_latents(
-            job.num_images, channels, job.height, job.width, dtype, device, gen,
-            image=init_image, timestep=first, is_strength_max=strength_max,
-            return_noise=True, return_image_latents=unet_channels == 4,
-        )  # fmt: skip
+            job.num_images,
+            channels,
+            job.height,
+            job.width,
+            dtype,
+            device,
+            gen,
+            image=init_image,
+            timestep=first,
+            is_strength_max=strength_max,
+            return_noise=True,
+            return_image_latents=unet_channels == 4,
+        )
         if job.latents is not None:  # continuing a partial inpaint: its latents, this mask
             latents = job.latents.to(device, dtype)
         mask_condition = pipe.mask_processor.preprocess(job.mask, height=job.height, width=job.width)

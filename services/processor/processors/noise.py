@@ -21,9 +21,14 @@ from services.processor.registry import Context, Latents, arg, processor
 
 FLOW_SPACES = ("sd3", "flux", "flux2")
 SIGMA_SCALED = (
-    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverSDEScheduler",
-)  # fmt: skip
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "DPMSolverSDEScheduler",
+)
 # SD 1.x/SDXL's training schedule, for latents that name no scheduler.
 DEFAULT_BETAS = {
     "beta_start": 0.00085,
@@ -74,9 +79,14 @@ def noise(ctx: Context, x: Latents, *, timestep, sigma, seed: int) -> Latents:
         level_t = float(t)
     result = x.with_tensor(out.to(x.tensor.dtype))
     cutoff = math.floor(level_t) + 1  # the next window runs the steps at or below the level
-    result.handle.noise.CopyFrom(pb.NoiseLevel(
-        fraction=max(T - cutoff, 0) / T, cutoff_timestep=cutoff, timestep=level_t, sigma=level_sigma,
-        num_train_timesteps=T,
-    ))  # fmt: skip
+    result.handle.noise.CopyFrom(
+        pb.NoiseLevel(
+            fraction=max(T - cutoff, 0) / T,
+            cutoff_timestep=cutoff,
+            timestep=level_t,
+            sigma=level_sigma,
+            num_train_timesteps=T,
+        )
+    )
     result.handle.scheduler.ClearField("state")  # a multistep history does not survive new noise
     return result

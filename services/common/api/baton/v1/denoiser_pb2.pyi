@@ -23,7 +23,7 @@ MODEL_STATE_OFFLOADED: ModelState
 MODEL_STATE_AVAILABLE: ModelState
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "steps", "guidance_scale", "scheduler", "scheduler_config", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "num_images", "preview_every", "max_sequence_length", "guidance_rescale", "output_key", "job_id", "stage")
+    __slots__ = ("model", "prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "steps", "guidance_scale", "scheduler", "scheduler_config", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "num_images", "preview_every", "max_sequence_length", "guidance_rescale", "output_key")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -49,8 +49,6 @@ class DenoiseRequest(_message.Message):
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_RESCALE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_KEY_FIELD_NUMBER: _ClassVar[int]
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    STAGE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -76,9 +74,7 @@ class DenoiseRequest(_message.Message):
     max_sequence_length: int
     guidance_rescale: float
     output_key: str
-    job_id: str
-    stage: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., mask: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., output_key: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., mask: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., output_key: _Optional[str] = ...) -> None: ...
 
 class StepEvent(_message.Message):
     __slots__ = ("step", "total", "timestep", "sigma", "preview_png", "elapsed_s", "checkpoint")
@@ -129,22 +125,20 @@ class DenoiseEvent(_message.Message):
     def __init__(self, step: _Optional[_Union[StepEvent, _Mapping]] = ..., result: _Optional[_Union[DenoiseResult, _Mapping]] = ..., status: _Optional[_Union[WindowStatus, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model", "image", "width", "height", "seed", "output_key", "images")
+    __slots__ = ("model", "width", "height", "seed", "output_key", "images")
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_KEY_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     model: str
-    image: _handles_pb2.BlobHandle
     width: int
     height: int
     seed: int
     output_key: str
     images: _containers.RepeatedCompositeFieldContainer[_handles_pb2.BlobHandle]
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., output_key: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., output_key: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("latents",)
@@ -165,16 +159,14 @@ class DecodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., format: _Optional[str] = ..., output_key: _Optional[str] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("image", "width", "height", "images")
-    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("width", "height", "images")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
-    image: _handles_pb2.BlobHandle
     width: int
     height: int
     images: _containers.RepeatedCompositeFieldContainer[_handles_pb2.BlobHandle]
-    def __init__(self, image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "source", "family", "space", "state", "dtype", "device", "memory_bytes", "vae_scale_factor", "latent_channels", "default_width", "default_height", "default_scheduler", "size_multiple")

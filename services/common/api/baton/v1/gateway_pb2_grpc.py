@@ -76,6 +76,11 @@ class GatewayStub:
                 request_serializer=baton_dot_v1_dot_gateway__pb2.GetBlobRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_gateway__pb2.BlobChunk.FromString,
                 _registered_method=True)
+        self.ListSchedulers = channel.unary_unary(
+                '/baton.v1.Gateway/ListSchedulers',
+                request_serializer=baton_dot_v1_dot_gateway__pb2.ListSchedulersRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_gateway__pb2.ListSchedulersResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -135,6 +140,13 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSchedulers(self, request, context):
+        """The schedulers a denoise stage may name, and how each splits across windows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +189,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetBlob,
                     request_deserializer=baton_dot_v1_dot_gateway__pb2.GetBlobRequest.FromString,
                     response_serializer=baton_dot_v1_dot_gateway__pb2.BlobChunk.SerializeToString,
+            ),
+            'ListSchedulers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedulers,
+                    request_deserializer=baton_dot_v1_dot_gateway__pb2.ListSchedulersRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_gateway__pb2.ListSchedulersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +412,33 @@ class Gateway:
             '/baton.v1.Gateway/GetBlob',
             baton_dot_v1_dot_gateway__pb2.GetBlobRequest.SerializeToString,
             baton_dot_v1_dot_gateway__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedulers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Gateway/ListSchedulers',
+            baton_dot_v1_dot_gateway__pb2.ListSchedulersRequest.SerializeToString,
+            baton_dot_v1_dot_gateway__pb2.ListSchedulersResponse.FromString,
             options,
             channel_credentials,
             insecure,

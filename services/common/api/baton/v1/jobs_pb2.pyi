@@ -207,7 +207,7 @@ class OutputSpec(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("name", "kind", "state", "worker", "attempts", "step", "total", "latents", "image", "error", "started_at", "finished_at", "images", "resumed_from", "waiting")
+    __slots__ = ("name", "kind", "state", "worker", "attempts", "step", "total", "latents", "error", "started_at", "finished_at", "images", "resumed_from", "waiting")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -216,7 +216,6 @@ class StageStatus(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -231,28 +230,25 @@ class StageStatus(_message.Message):
     step: int
     total: int
     latents: _handles_pb2.LatentHandle
-    image: _handles_pb2.BlobHandle
     error: str
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     images: _containers.RepeatedCompositeFieldContainer[_handles_pb2.BlobHandle]
     resumed_from: int
     waiting: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., worker: _Optional[str] = ..., attempts: _Optional[int] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ..., resumed_from: _Optional[int] = ..., waiting: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., worker: _Optional[str] = ..., attempts: _Optional[int] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ..., resumed_from: _Optional[int] = ..., waiting: _Optional[str] = ...) -> None: ...
 
 class JobOutput(_message.Message):
-    __slots__ = ("stage", "format", "latents", "image", "images")
+    __slots__ = ("stage", "format", "latents", "images")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     stage: str
     format: str
     latents: _handles_pb2.LatentHandle
-    image: _handles_pb2.BlobHandle
     images: _containers.RepeatedCompositeFieldContainer[_handles_pb2.BlobHandle]
-    def __init__(self, stage: _Optional[str] = ..., format: _Optional[str] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
+    def __init__(self, stage: _Optional[str] = ..., format: _Optional[str] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_handles_pb2.BlobHandle, _Mapping]]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "spec", "state", "error", "stages", "outputs", "idempotency_key", "created_at", "started_at", "finished_at", "expires_at", "info", "queue_position")

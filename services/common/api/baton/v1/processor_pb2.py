@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.api.baton.v1 import handles_pb2 as baton_dot_v1_dot_handles__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x61ton/v1/processor.proto\x12\x08\x62\x61ton.v1\x1a\x16\x62\x61ton/v1/handles.proto\"\x8f\x01\n\x0eProcessRequest\x12&\n\x06inputs\x18\x01 \x03(\x0b\x32\x16.baton.v1.LatentHandle\x12\x12\n\nprocessors\x18\x02 \x03(\t\x12\x12\n\noutput_key\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\r\n\x05stage\x18\x06 \x01(\t\"c\n\x0fProcessResponse\x12\'\n\x07latents\x18\x01 \x01(\x0b\x32\x16.baton.v1.LatentHandle\x12\'\n\x07outputs\x18\x02 \x03(\x0b\x32\x16.baton.v1.LatentHandle\"\xa0\x01\n\x0cProcessorArg\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x10\n\x08required\x18\x05 \x01(\x08\x12\x10\n\x03min\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\x08 \x03(\tB\x06\n\x04_minB\x06\n\x04_max\"a\n\rProcessorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04help\x18\x02 \x01(\t\x12$\n\x04\x61rgs\x18\x03 \x03(\x0b\x32\x16.baton.v1.ProcessorArg\x12\x0e\n\x06inputs\x18\x04 \x01(\x05\"\x17\n\x15ListProcessorsRequest\"E\n\x16ListProcessorsResponse\x12+\n\nprocessors\x18\x01 \x03(\x0b\x32\x17.baton.v1.ProcessorInfo2\xa0\x01\n\tProcessor\x12>\n\x07Process\x12\x18.baton.v1.ProcessRequest\x1a\x19.baton.v1.ProcessResponse\x12S\n\x0eListProcessors\x12\x1f.baton.v1.ListProcessorsRequest\x1a .baton.v1.ListProcessorsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x61ton/v1/processor.proto\x12\x08\x62\x61ton.v1\x1a\x16\x62\x61ton/v1/handles.proto\"\x8b\x01\n\x0eProcessRequest\x12&\n\x06inputs\x18\x01 \x03(\x0b\x32\x16.baton.v1.LatentHandle\x12\x12\n\nprocessors\x18\x02 \x03(\t\x12\x12\n\noutput_key\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\tJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\x06job_idR\x05stage\"c\n\x0fProcessResponse\x12\'\n\x07latents\x18\x01 \x01(\x0b\x32\x16.baton.v1.LatentHandle\x12\'\n\x07outputs\x18\x02 \x03(\x0b\x32\x16.baton.v1.LatentHandle\"\xa0\x01\n\x0cProcessorArg\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\t\x12\x0c\n\x04help\x18\x04 \x01(\t\x12\x10\n\x08required\x18\x05 \x01(\x08\x12\x10\n\x03min\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x63hoices\x18\x08 \x03(\tB\x06\n\x04_minB\x06\n\x04_max\"a\n\rProcessorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04help\x18\x02 \x01(\t\x12$\n\x04\x61rgs\x18\x03 \x03(\x0b\x32\x16.baton.v1.ProcessorArg\x12\x0e\n\x06inputs\x18\x04 \x01(\x05\"\x17\n\x15ListProcessorsRequest\"E\n\x16ListProcessorsResponse\x12+\n\nprocessors\x18\x01 \x03(\x0b\x32\x17.baton.v1.ProcessorInfo2\xa0\x01\n\tProcessor\x12>\n\x07Process\x12\x18.baton.v1.ProcessRequest\x1a\x19.baton.v1.ProcessResponse\x12S\n\x0eListProcessors\x12\x1f.baton.v1.ListProcessorsRequest\x1a .baton.v1.ListProcessorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.processor_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROCESSREQUEST']._serialized_start=63
-  _globals['_PROCESSREQUEST']._serialized_end=206
-  _globals['_PROCESSRESPONSE']._serialized_start=208
-  _globals['_PROCESSRESPONSE']._serialized_end=307
-  _globals['_PROCESSORARG']._serialized_start=310
-  _globals['_PROCESSORARG']._serialized_end=470
-  _globals['_PROCESSORINFO']._serialized_start=472
-  _globals['_PROCESSORINFO']._serialized_end=569
-  _globals['_LISTPROCESSORSREQUEST']._serialized_start=571
-  _globals['_LISTPROCESSORSREQUEST']._serialized_end=594
-  _globals['_LISTPROCESSORSRESPONSE']._serialized_start=596
-  _globals['_LISTPROCESSORSRESPONSE']._serialized_end=665
-  _globals['_PROCESSOR']._serialized_start=668
-  _globals['_PROCESSOR']._serialized_end=828
+  _globals['_PROCESSREQUEST']._serialized_end=202
+  _globals['_PROCESSRESPONSE']._serialized_start=204
+  _globals['_PROCESSRESPONSE']._serialized_end=303
+  _globals['_PROCESSORARG']._serialized_start=306
+  _globals['_PROCESSORARG']._serialized_end=466
+  _globals['_PROCESSORINFO']._serialized_start=468
+  _globals['_PROCESSORINFO']._serialized_end=565
+  _globals['_LISTPROCESSORSREQUEST']._serialized_start=567
+  _globals['_LISTPROCESSORSREQUEST']._serialized_end=590
+  _globals['_LISTPROCESSORSRESPONSE']._serialized_start=592
+  _globals['_LISTPROCESSORSRESPONSE']._serialized_end=661
+  _globals['_PROCESSOR']._serialized_start=664
+  _globals['_PROCESSOR']._serialized_end=824
 # @@protoc_insertion_point(module_scope)

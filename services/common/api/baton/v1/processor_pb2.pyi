@@ -8,20 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProcessRequest(_message.Message):
-    __slots__ = ("inputs", "processors", "output_key", "device", "job_id", "stage")
+    __slots__ = ("inputs", "processors", "output_key", "device")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PROCESSORS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_KEY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    STAGE_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[_handles_pb2.LatentHandle]
     processors: _containers.RepeatedScalarFieldContainer[str]
     output_key: str
     device: str
-    job_id: str
-    stage: str
-    def __init__(self, inputs: _Optional[_Iterable[_Union[_handles_pb2.LatentHandle, _Mapping]]] = ..., processors: _Optional[_Iterable[str]] = ..., output_key: _Optional[str] = ..., device: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
+    def __init__(self, inputs: _Optional[_Iterable[_Union[_handles_pb2.LatentHandle, _Mapping]]] = ..., processors: _Optional[_Iterable[str]] = ..., output_key: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ProcessResponse(_message.Message):
     __slots__ = ("latents", "outputs")
