@@ -48,6 +48,8 @@ class Cluster:
             "gateway": {"BATON_JOB_LEASE": "2", **(gateway_env or {})},
             "denoiser": {
                 "BATON_MODELS": aliases(models),
+                # Tests also name models by folder (a pickled checkpoint) and by hub id (one not there).
+                "BATON_MODEL_SOURCES": "/,hub:*",
                 "BATON_REGISTRY_TTL": "3",
                 # Several denoisers on a 2-core machine: one torch thread each, or their OpenMP
                 # teams spin against each other (10x slower windows).

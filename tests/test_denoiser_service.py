@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -29,7 +30,12 @@ def store(single_store):
 
 @pytest.fixture(scope="module")
 def denoiser(redis_url, models, tmp_path_factory):
-    env = {"BATON_MODELS": f"sd1={models['sd1']},sdxl={models['sdxl']}", "BATON_PRELOAD": "sd1"}
+    env = {
+        "BATON_MODELS": f"sd1={models['sd1']},sdxl={models['sdxl']}",
+        "BATON_PRELOAD": "sd1",
+        # Its tests also name a model by folder, and hub ids that are not there.
+        "BATON_MODEL_SOURCES": f"{Path(models['sdxl']).parent},hub:*",
+    }
     proc = ServiceProcess("denoiser", redis_url, env, tmp_path_factory.mktemp("logs") / "denoiser.log")
     yield proc.wait_serving()
     proc.stop()

@@ -140,3 +140,165 @@ def test_the_compose_file_parses_and_names_the_same_settings():
 def test_the_dockerfile_lints_clean():
     result = subprocess.run([tool("hadolint"), str(DEPLOY / "docker" / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Pod Security Standards, the "restricted" profile (kubernetes.io/docs/concepts/security/pod-security-standards),
+# written out rule by rule: baseline's rules and restricted's own.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+SELINUX_TYPES = {"container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+# Where a container with a read-only root writes: /tmp for every service, and the Hugging Face
+# cache (the image's HF_HOME=/models/hf) where models or interposer weights are fetched.
+WRITES = {"redis": {"/data"}, "denoiser": {"/tmp", "/models"}, "interposer": {"/tmp", "/models"}}
+
+
+def pod_templates(docs: list[dict]):
+    """(workload name, pod template) for every workload in the rendered documents."""
+    for doc in docs:
+        if doc["kind"] in WORKLOADS:
+            yield doc["metadata"]["name"], doc["spec"]["template"]
+        elif doc["kind"] == "CronJob":
+            yield doc["metadata"]["name"], doc["spec"]["jobTemplate"]["spec"]["template"]
+
+
+def _selinux_and_apparmor(where: str, sc: dict) -> list[str]:
+    out = []
+    selinux = sc.get("seLinuxOptions", {})
+    if selinux.get("type", "container_t") not in SELINUX_TYPES or "user" in selinux or "role" in selinux:
+        out.append(f"{where}: seLinuxOptions {selinux}")
+    if sc.get("appArmorProfile", {}).get("type", "RuntimeDefault") not in ("RuntimeDefault", "Localhost"):
+        out.append(f"{where}: appArmorProfile {sc['appArmorProfile']}")
+    if sc.get("windowsOptions", {}).get("hostProcess"):
+        out.append(f"{where}: windowsOptions.hostProcess")
+    return out
+
+
+def restricted_violations(name: str, template: dict) -> list[str]:
+    """What in one pod template the restricted profile forbids; empty when it complies."""
+    spec, annotations = template["spec"], template.get("metadata", {}).get("annotations", {})
+    pod = spec.get("securityContext", {})
+    out = [f"{name}: {f}" for f in ("hostNetwork", "hostPID", "hostIPC") if spec.get(f)]
+    out += _selinux_and_apparmor(name, pod)
+    out += [
+        f"{name}: volume {v['name']} is {sorted(set(v) - {'name'})}"
+        for v in spec.get("volumes", [])
+        if not set(v) - {"name"} <= RESTRICTED_VOLUMES
+    ]
+    out += [f"{name}: sysctl {s['name']}" for s in pod.get("sysctls", []) if s["name"] not in SAFE_SYSCTLS]
+    if pod.get("runAsUser") == 0:
+        out.append(f"{name}: runAsUser 0")
+    if pod.get("seccompProfile", {}).get("type") == "Unconfined":
+        out.append(f"{name}: seccompProfile Unconfined")
+    for c in [*spec["containers"], *spec.get("initContainers", []), *spec.get("ephemeralContainers", [])]:
+        where, sc = f"{name}/{c['name']}", c.get("securityContext", {})
+        out += _selinux_and_apparmor(where, sc)
+        apparmor = annotations.get(f"container.apparmor.security.beta.kubernetes.io/{c['name']}", "runtime/default")
+        if apparmor != "runtime/default" and not apparmor.startswith("localhost/"):
+            out.append(f"{where}: AppArmor annotation {apparmor}")
+        if sc.get("privileged"):
+            out.append(f"{where}: privileged")
+        if sc.get("procMount", "Default") != "Default":
+            out.append(f"{where}: procMount {sc['procMount']}")
+        out += [f"{where}: hostPort {p['hostPort']}" for p in c.get("ports", []) if p.get("hostPort")]
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{where}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            out.append(f"{where}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{where}: capabilities add {caps['add']}")
+        if sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
+            out.append(f"{where}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            out.append(f"{where}: runAsUser 0")
+        if sc.get("seccompProfile", pod.get("seccompProfile", {})).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{where}: seccompProfile is not RuntimeDefault or Localhost")
+    return out
+
+
+def test_the_restricted_check_finds_what_the_profile_forbids():
+    bad = {
+        "hostNetwork": True,
+        "securityContext": {"runAsUser": 0, "sysctls": [{"name": "kernel.msgmax"}]},
+        "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
+        "containers": [
+            {
+                "name": "c",
+                "ports": [{"containerPort": 80, "hostPort": 80}],
+                "securityContext": {
+                    "privileged": True,
+                    "capabilities": {"add": ["SYS_ADMIN"]},
+                    "seccompProfile": {"type": "Unconfined"},
+                },
+            }
+        ],
+    }
+    found = "\n".join(restricted_violations("bad", {"spec": bad}))
+    for rule in (
+        "hostNetwork",
+        "hostPath",
+        "kernel.msgmax",
+        "runAsUser 0",
+        "hostPort 80",
+        "privileged",
+        "allowPrivilegeEscalation",
+        "drop ALL",
+        "SYS_ADMIN",
+        "runAsNonRoot",
+        "seccompProfile",
+    ):
+        assert rule in found, rule
+
+
+def test_every_pod_meets_pod_security_restricted(rendered):
+    _, docs = rendered
+    templates = dict(pod_templates(docs))
+    assert {f"baton-{s}" for s in SERVICES} <= set(templates)
+    assert [v for name, t in templates.items() for v in restricted_violations(name, t)] == []
+
+
+def test_every_container_has_a_read_only_root_and_volumes_where_it_writes(rendered):
+    _, docs = rendered
+    claims = {d["metadata"]["name"]: d["spec"].get("volumeClaimTemplates", []) for d in docs if d["kind"] in WORKLOADS}
+    for name, template in pod_templates(docs):
+        spec = template["spec"]
+        volumes = {v["name"] for v in spec.get("volumes", [])} | {t["metadata"]["name"] for t in claims.get(name, [])}
+        for c in spec["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, (name, c["name"])
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert set(mounts.values()) <= volumes, (name, c["name"])
+            service = c["args"][1] if c.get("args", [None])[0] == "serve" else c["name"]
+            assert WRITES.get(service, {"/tmp"}) <= set(mounts), (name, c["name"], mounts)
+
+
+def test_compose_runs_every_container_read_only_without_capabilities():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"] and "cap_add" not in service, name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        if name != "redis":
+            assert "/tmp" in service["tmpfs"], name
+    for name in ("denoiser", "interposer"):
+        assert "models:/models" in compose["services"][name]["volumes"], name

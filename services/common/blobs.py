@@ -11,6 +11,9 @@ name: chunks and manifest are written in one MULTI/EXEC, so the name only ever p
 complete blob. Each write is a new generation, so rewriting N never changes the bytes a reader
 of an older generation is reading; the old chunks get a short grace TTL instead. An anonymous
 blob (no name given) has no manifest: nobody can find it before its handle is returned.
+
+Big blobs stream: a BlobWriter (open_writer) SETs each chunk as its bytes arrive and hashes on
+the way, and iter_chunks reads one chunk at a time, so neither holds more than a chunk of a blob.
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ from services.common.tensors import tensor_bytes, tensor_from_bytes
 TENSOR = "application/x-baton-tensor"
 OCTET = "application/octet-stream"
 DIGEST_PREFIX = "xxh3-128:"
+# The default key prefix of a store's blobs: <prefix>:blob:{N}.
+PREFIX = "baton"
 # How long the chunks of an overwritten generation stay readable for readers already holding it.
 OVERWRITE_GRACE_S = 60.0
 # How often keep_until rereads a manifest that changed between its read and its write.
 KEEP_ATTEMPTS = 8
+# How long the chunks of an unfinished BlobWriter live (renewed while it writes): a writer whose
+# process dies mid-upload leaves them this long at most.
+UPLOAD_TTL_S = 120.0
 
 # keep_until in one step: KEYS = manifest, chunks...; ARGV = expiry (ms), the manifest as read,
 # the manifest to write. The chunks always get the expiry; the manifest is replaced only if it
@@ -82,7 +90,7 @@ class BlobStore:
         self,
         client: Client,
         *,
-        prefix: str = "baton",
+        prefix: str = PREFIX,
         chunk_bytes: int = 4 << 20,
         ttl_s: float = 3600.0,
     ):
@@ -166,6 +174,28 @@ class BlobStore:
                 self.redis.unlink(*keys)
             raise
 
+    def open_writer(
+        self,
+        *,
+        media_type: str = OCTET,
+        ttl_s: float | None = None,
+        dtype: pb.DType = pb.DTYPE_UNSPECIFIED,
+        shape: list[int] | None = None,
+    ) -> BlobWriter:
+        """A writer of a new anonymous blob whose bytes arrive in pieces (BlobWriter)."""
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        if ttl <= 0:
+            raise InvalidArgument(f"blob TTL must be positive, got {ttl}")
+        header = pb.BlobHandle(
+            key=self.key_for(uuid.uuid4().hex),
+            generation=time.time_ns(),
+            media_type=media_type,
+            dtype=dtype,
+            shape=shape or [],
+            chunk_bytes=self.chunk_bytes,
+        )
+        return BlobWriter(self.redis, header, ttl)
+
     def put_tensor(self, t: torch.Tensor, *, name: str | None = None, ttl_s: float | None = None) -> pb.BlobHandle:
         raw, dtype, shape = tensor_bytes(t)
         return self.put_bytes(raw, media_type=TENSOR, name=name, ttl_s=ttl_s, dtype=dtype, shape=shape)
@@ -230,6 +260,33 @@ class BlobStore:
             raise BlobCorrupt(f"blob {handle.key}: digest {found} does not match the handle's {handle.digest}")
         return out
 
+    def iter_chunks(self, ref: pb.BlobHandle | str) -> Iterator[bytes]:
+        """The blob's chunks in order, one Redis read each, never the whole blob at once. The digest
+        is checked on the way: the last chunk comes only if all of them match (else BlobCorrupt)."""
+        handle = self.resolve(ref)
+        keys = self._chunk_keys(handle)
+        hasher, pos = xxhash.xxh3_128(), 0
+        for n, key in enumerate(keys):
+            with _redis_errors(handle.key):
+                part = cast(bytes | None, self.redis.get(key))
+            if part is None:
+                raise BlobNotFound(
+                    f"blob {handle.key} (generation {handle.generation}) has expired or was deleted: {key} is gone"
+                )
+            pos += len(part)
+            if pos > handle.byte_size:
+                raise BlobCorrupt(
+                    f"blob {handle.key}: chunks hold more than the {handle.byte_size} bytes its header says"
+                )
+            hasher.update(part)
+            if n == len(keys) - 1:
+                if pos != handle.byte_size:
+                    raise BlobCorrupt(f"blob {handle.key}: chunks hold {pos} bytes, header says {handle.byte_size}")
+                found = DIGEST_PREFIX + hasher.hexdigest()
+                if found != handle.digest:
+                    raise BlobCorrupt(f"blob {handle.key}: digest {found} does not match the handle's {handle.digest}")
+            yield part
+
     def get_tensor(self, ref: pb.BlobHandle | str) -> torch.Tensor:
         handle = self.resolve(ref)
         if handle.media_type != TENSOR:
@@ -281,6 +338,92 @@ class BlobStore:
             return False
         with _redis_errors(handle.key):
             return self.redis.exists(*self._chunk_keys(handle)) == len(self._chunk_keys(handle))
+
+
+class BlobWriter:
+    """One anonymous blob written as its bytes arrive: each full chunk is SET at once, under a short
+    TTL (UPLOAD_TTL_S, renewed as it goes), and hashed on the way; close() writes the last chunk,
+    gives all of them the blob's TTL and returns the handle. Until then nobody can read the blob
+    (its handle does not exist yet); abort() deletes what was written."""
+
+    def __init__(self, client: Client, header: pb.BlobHandle, ttl_s: float):
+        self.redis = client
+        self.header = header
+        self.ttl_s = ttl_s
+        self.byte_size = 0
+        self._hasher = xxhash.xxh3_128()
+        self._buffer = bytearray(header.chunk_bytes)  # one chunk, reused: the writer's whole footprint
+        self._filled = 0
+        self._keys: list[str] = []
+        self._pending_until_ms = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Adds the next bytes; SETs every chunk they complete."""
+        view = memoryview(data).cast("B")
+        self._hasher.update(view)
+        self.byte_size += len(view)
+        size = self.header.chunk_bytes
+        while view:
+            if self._filled == 0 and len(view) >= size:  # a whole chunk in hand: no copy
+                self._set(view[:size])
+                view = view[size:]
+                continue
+            take = min(len(view), size - self._filled)
+            self._buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == size:
+                self._set(memoryview(self._buffer))
+                self._filled = 0
+
+    def _set(self, chunk: memoryview) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        key = f"{self.header.key}:{self.header.generation}:{len(self._keys)}"
+        with _redis_errors(self.header.key):
+            if now_ms > self._pending_until_ms - int(UPLOAD_TTL_S * 500):  # half the TTL gone: renew it
+                self._pending_until_ms = now_ms + int(UPLOAD_TTL_S * 1000)
+                if self._keys:
+                    self._expire(self._pending_until_ms)
+            self._keys.append(key)
+            self.redis.set(key, chunk, pxat=self._pending_until_ms)
+
+    def _expire(self, at_ms: int) -> list[bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._keys:
+            pipe.pexpireat(key, at_ms)
+        return pipe.execute()
+
+    def digest(self) -> str:
+        """The digest of the bytes written so far."""
+        return DIGEST_PREFIX + self._hasher.hexdigest()
+
+    def close(self, shape: list[int] | None = None) -> pb.BlobHandle:
+        """Ends the blob and returns its handle (with `shape`, when the bytes decided it)."""
+        if self._filled or not self._keys:  # the last, short chunk; an empty blob has one empty chunk
+            self._set(memoryview(self._buffer)[: self._filled])
+            self._filled = 0
+        now_ms = time.time_ns() // 1_000_000
+        expire_ms = now_ms + int(self.ttl_s * 1000)
+        with _redis_errors(self.header.key):
+            kept = self._expire(expire_ms)
+        if not all(kept):
+            self.abort()
+            raise BlobNotFound(f"blob {self.header.key}: chunks of the upload expired before it ended")
+        handle = pb.BlobHandle()
+        handle.CopyFrom(self.header)
+        if shape is not None:
+            handle.shape[:] = shape
+        handle.byte_size = self.byte_size
+        handle.digest = self.digest()
+        handle.expires_at.FromMilliseconds(expire_ms)
+        return handle
+
+    def abort(self) -> None:
+        """Deletes the chunks written so far (best effort: they expire within UPLOAD_TTL_S anyway)."""
+        if self._keys:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self.redis.unlink(*self._keys)
+            self._keys = []
 
 
 def _parse_manifest(key: str, raw: bytes) -> pb.BlobHandle:

@@ -1,5 +1,8 @@
 """Connects to a single Redis or a Redis Cluster from one URL, with timeouts and retries.
 
+The URL carries everything about the connection: an ACL user and password
+(`redis://baton:PASSWORD@host:6379/0`), and for TLS `rediss://` with redis-py's query
+parameters (`?ssl_ca_certs=/ca.pem&ssl_certfile=/client.crt&ssl_keyfile=/client.key`).
 Every client Baton makes has a connect and a socket timeout (a frozen Redis fails a command
 within `timeout_s` instead of hanging it) and retries a dropped connection a few times with
 jittered backoff (a restarting Redis is waited out briefly). Longer outages surface as
@@ -8,6 +11,8 @@ jittered backoff (a restarting Redis is waited out briefly). Longer outages surf
 
 from __future__ import annotations
 
+import logging
+
 import redis
 from redis._parsers import Encoder
 from redis.backoff import ExponentialWithJitterBackoff
@@ -15,6 +20,8 @@ from redis.cluster import RedisCluster
 from redis.connection import PythonRespSerializer
 
 from services.common.errors import Unavailable
+
+log = logging.getLogger("baton.redis")
 
 Client = redis.Redis | RedisCluster
 
@@ -33,6 +40,8 @@ RETRIED = (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError)
 DEFAULT_TIMEOUT_S = 3.0
 # Retries of one command on a dropped connection: about half a second in all.
 RETRIES = 3
+# URLs whose refused CLUSTER INFO was logged: a gateway asks twice (a sync and an asyncio client).
+_SAID_SINGLE: set[str] = set()
 
 
 def _options(timeout_s: float) -> dict:
@@ -57,7 +66,7 @@ def _async_options(timeout_s: float) -> dict:
 
 
 def connect(url: str, cluster: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Client:
-    """A client for `url`; cluster is "yes", "no", or "auto" (ask the server's INFO)."""
+    """A client for `url`; cluster is "yes", "no", or "auto" (ask the server's CLUSTER INFO)."""
     if cluster == "auto":
         cluster = "yes" if _is_cluster(url, timeout_s) else "no"
     options = _options(timeout_s)
@@ -80,11 +89,25 @@ def connect_async(url: str, cluster: str = "auto", timeout_s: float = DEFAULT_TI
 
 
 def _is_cluster(url: str, timeout_s: float) -> bool:
+    """Asks CLUSTER INFO, not INFO: a least-privilege ACL user may be allowed the one and not the
+    other. A refused or unknown CLUSTER INFO means a single server (a cluster client would need
+    CLUSTER SLOTS too), said once in the log."""
     probe = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
-        return probe.info("cluster").get("cluster_enabled") == 1
+        probe.execute_command("CLUSTER", "INFO")
+        return True
     except REDIS_DOWN as exc:
         raise Unavailable(f"cannot reach Redis at {redact(url)}: {exc}") from exc
+    except redis.exceptions.ResponseError as exc:
+        if "cluster support disabled" not in str(exc) and url not in _SAID_SINGLE:
+            _SAID_SINGLE.add(url)
+            log.info(
+                "Redis at %s answered CLUSTER INFO with %r; using it as a single server "
+                "(set redis-cluster to yes or no to skip this question)",
+                redact(url),
+                str(exc),
+            )
+        return False
     finally:
         probe.close()
 

@@ -2,7 +2,8 @@
 
 Over the budget, the least recently used idle model is offloaded to host memory (when
 offloading is on and the device is not the CPU) or unloaded; over the model count, it is
-unloaded. A model in use is never moved.
+unloaded. A model in use is never moved. A name that is not an alias is loaded or inspected
+only when `sources` (the `model-sources` setting, model_sources.py) allows it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from services.common.errors import FailedPrecondition, NotFound
+from services.denoiser.model_sources import ModelSources, admit
 from services.denoiser.models import LoadedModel, LoadOptions, ModelCard, card_of, inspect_model
 
 log = logging.getLogger("baton.denoiser.cache")
@@ -46,6 +48,7 @@ class ModelCache:
         budget_bytes: int = 0,
         offload_idle: bool = True,
         load_on_demand: bool = True,
+        sources: ModelSources | None = None,
         inspector: Inspector = inspect_model,
     ):
         self._loader = loader
@@ -57,6 +60,8 @@ class ModelCache:
         self.budget_bytes = budget_bytes
         self.offload_idle = offload_idle and defaults.device != "cpu"
         self.load_on_demand = load_on_demand
+        # None: any source (in-process use); the service always passes its setting.
+        self.sources = sources
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
@@ -102,7 +107,7 @@ class ModelCache:
                 return card_of(entry.model)
             if name in self._cards:
                 return self._cards[name]
-        card = self._inspector(name, self.aliases.get(name, name), self.defaults)
+        card = self._inspector(name, self._source(name), self.defaults)
         with self._lock:
             self._cards[name] = card
         return card
@@ -119,6 +124,12 @@ class ModelCache:
             return sum(e.model.memory_bytes for e in self._entries.values() if not e.offloaded)
 
     # -- internals -------------------------------------------------------------------------
+    def _source(self, name: str) -> str:
+        """Where `name` is read from: its alias's source, else itself once `sources` allows it."""
+        if name in self.aliases:
+            return self.aliases[name]
+        return name if self.sources is None else admit(name, self.sources)
+
     def _acquire(self, name: str, *, explicit: bool, options: dict) -> _Entry:
         with self._lock:
             entry = self._entries.get(name)
@@ -138,8 +149,7 @@ class ModelCache:
                     entry.users += 1
                     self._entries.move_to_end(name)
                     return entry
-            source = self.aliases.get(name, name)
-            model = self._loader(name, source, replace(self.defaults, **options))
+            model = self._loader(name, self._source(name), replace(self.defaults, **options))
             with self._lock:
                 entry = _Entry(model, users=1)
                 self._entries[name] = entry

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from services.common import limits
 from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.config import Setting, parse_bool, service_settings
 from services.common.server import Mount, Service
+from services.denoiser import model_sources
 
 # Measured with `python -m bench.checkpoint` (medium SD 1.x UNet, 64x64 latents, DPM++ state, 2 CPU
 # threads, 1.7 s a step): one checkpoint costs 0.3 ms on the denoise thread (0.02% of a step) and
@@ -36,7 +38,19 @@ SETTINGS = service_settings(
         Setting(
             "offload-idle", True, "move idle models to host memory over the budget instead of unloading", parse_bool
         ),
-        Setting("load-on-demand", True, "load a model a request names; off serves only loaded models", parse_bool),
+        Setting(
+            "load-on-demand",
+            True,
+            "load a model a request names (configured, or from model-sources); off serves only loaded models",
+            parse_bool,
+        ),
+        # Loading reads the worker's files and the hub: what a request may name is the operator's choice.
+        Setting(
+            "model-sources",
+            "",
+            "sources a request may name beyond models and preload, comma-separated: absolute folders (a "
+            "source must resolve inside one), hub:org/*, hub:org/name, hub:*; empty = configured models only",
+        ),
         Setting("concurrency", 1, "denoise jobs run at once (each holds its model's lock)", int),
         Setting(
             "checkpoint-every",
@@ -59,6 +73,13 @@ def parse_aliases(text: str) -> dict[str, str]:
     return aliases
 
 
+def parse_sources(text: str, configured: Iterable[str]) -> model_sources.ModelSources:
+    try:
+        return model_sources.ModelSources.parse(text, configured)
+    except ValueError as exc:
+        raise SystemExit(f"{model_sources.ENV}: {exc}") from None
+
+
 def build(settings, runtime) -> list[Mount]:
     import torch
 
@@ -74,21 +95,24 @@ def build(settings, runtime) -> list[Mount]:
         dtype = parse_dtype(settings.dtype)
     else:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    aliases = parse_aliases(settings.models)
+    preload = [name.strip() for name in settings.preload.split(",") if name.strip()]
     cache = ModelCache(
         load_model,
         defaults=LoadOptions(dtype=dtype, device=device),
-        aliases=parse_aliases(settings.models),
+        aliases=aliases,
         max_models=settings.max_models,
         budget_bytes=int(settings.memory_budget_gb * (1 << 30)),
         offload_idle=settings.offload_idle,
         load_on_demand=settings.load_on_demand,
+        sources=parse_sources(settings.model_sources, [*aliases, *preload]),
     )
     if settings.checkpoint_every < 0:
         raise SystemExit(f"BATON_CHECKPOINT_EVERY: 0 (off) or a step count, got {settings.checkpoint_every}")
     executor = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="denoise")
     # Preloading runs on the denoise thread too: every thread that runs torch ops gets an
     # OpenMP team of its own, and teams left on other threads slow the windows down.
-    for name in filter(None, (p.strip() for p in settings.preload.split(","))):
+    for name in preload:
         runtime.before_serving(lambda name=name: executor.submit(cache.load, name).result())
     runtime.before_serving(lambda: inspect_aliases(cache))
     runtime.on_shutdown(lambda: executor.shutdown(wait=False, cancel_futures=True))

@@ -43,6 +43,13 @@ def status(phase: str, *, queue_position: int = 0, resumed_from: int = 0) -> dpb
     )
 
 
+def admin_only(rpc):
+    """Marks an RPC that changes what a worker holds (LoadModel, UnloadModel). Once Baton
+    authenticates callers (issue 14), this is where a caller without the admin role is refused;
+    until then every caller may, as before."""
+    return rpc
+
+
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(
         self, engine: DenoiseEngine, codec: VaeCodec, cache: ModelCache, executor: ThreadPoolExecutor, slots: WorkSlots
@@ -179,6 +186,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         card = await self._run(self.cache.inspect, request.model)
         return model_info(card, AVAILABLE)
 
+    @admin_only
     async def LoadModel(self, request, context):
         options = {}
         if request.dtype:
@@ -190,6 +198,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         model = await self._run(lambda: self.cache.load(request.model, **options))
         return model_info(card_of(model), READY, model)
 
+    @admin_only
     async def UnloadModel(self, request, context):
         await self._run(self.cache.unload, request.model)
         return dpb.UnloadModelResponse()

@@ -53,9 +53,12 @@ class ModelCatalog:
                 wait_s=0,
             )
         except grpc.aio.AioRpcError as exc:
-            # The denoiser's verdict keeps its kind: pickled weights are a precondition, a typo an argument.
+            # The denoiser's verdict keeps its kind: pickled weights or a source its model-sources
+            # setting does not allow are a precondition, a typo an argument. The planner locates it
+            # at the stage's field, so the denoiser's own "field 'model': " goes.
             kind = FailedPrecondition if exc.code() == grpc.StatusCode.FAILED_PRECONDITION else InvalidArgument
-            raise kind(exc.details() or f"unknown model {name!r}") from exc
+            detail = (exc.details() or "").removeprefix("field 'model': ")
+            raise kind(detail or f"unknown model {name!r}") from exc
         except BatonError as exc:
             raise Unavailable(f"no denoiser answered about model {name!r}: {exc}") from exc
         self._asked[name] = (time.monotonic(), info)
@@ -91,6 +94,6 @@ class ModelCatalog:
         for name in names:
             try:
                 out[name] = await self.resolve(name, deadline)
-            except (InvalidArgument, NotFound) as exc:
+            except (InvalidArgument, NotFound, FailedPrecondition) as exc:
                 out[name] = exc
         return out

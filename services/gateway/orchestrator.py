@@ -32,6 +32,7 @@ from services.common.blobs import BlobStore
 from services.common.errors import BatonError, BlobNotFound, RedisDown, Unavailable
 from services.common.limits import DEFAULT, Limits
 from services.common.redis_conn import REDIS_DOWN
+from services.common.rules.blobs import check_store_handle
 from services.common.workers import Worker, WorkerPool
 from services.gateway.catalog import ModelCatalog
 from services.gateway.dispatcher import Dispatcher
@@ -97,10 +98,12 @@ class Orchestrator:
         job_timeout_s: float = 3600.0,
         stall_timeout_s: float = 30.0,
         limits: Limits = DEFAULT,
+        max_blob_bytes: int = 256 << 20,
     ):
         self.jobs = jobs
         self.blobs = blobs
         self.limits = limits
+        self.max_blob_bytes = max_blob_bytes
         self.pool = pool
         self.catalog = catalog
         self.lease_s = lease_s
@@ -139,6 +142,12 @@ class Orchestrator:
             source = item.WhichOneof("source")
             blob = item.blob if source == "blob" else item.latents.blob if source == "latents" else None
             if blob is not None and blob.key:
+                check_store_handle(
+                    blob,
+                    self.blobs,
+                    self.max_blob_bytes,
+                    field=f"inputs[{n}].{source}.blob" if source == "latents" else f"inputs[{n}].blob",
+                )
                 try:
                     handle = await asyncio.to_thread(self.blobs.resolve, blob)
                     if not await asyncio.to_thread(self.blobs.exists, handle):

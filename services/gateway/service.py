@@ -76,6 +76,7 @@ def build(settings, runtime) -> list[Mount]:
         job_timeout_s=settings.job_timeout,
         stall_timeout_s=settings.stall_timeout,
         limits=limits.Limits.from_settings(settings),
+        max_blob_bytes=settings.max_blob_bytes,
     )
     runtime.on_start(orchestrator.start)
     runtime.on_drain(orchestrator.drain)

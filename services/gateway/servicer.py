@@ -10,7 +10,11 @@ from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.blobs import OCTET, BlobStore
 from services.common.errors import InvalidArgument
-from services.common.rules.blobs import check_upload
+from services.common.rules.blobs import (
+    UploadCheck,
+    check_message_bytes,
+    check_store_handle,
+)
 from services.common.rules.scheduler import SUPPORTED
 from services.common.scheduler_caps import capabilities
 from services.common.scheduler_options import OPTIONS
@@ -71,24 +75,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gpb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def PutBlob(self, request_iterator, context):
-        header = None
-        data = bytearray()
-        async for chunk in request_iterator:
-            if chunk.HasField("header"):
-                header = chunk.header
-            else:
-                data += chunk.data
-                if len(data) > self.max_blob_bytes:
-                    raise InvalidArgument(f"blobs are limited to {self.max_blob_bytes} bytes here", field="data")
-        if header is None:
+        # Streamed: each chunk goes to Redis as it arrives and the checks run on the way (UploadCheck),
+        # so an upload costs the gateway a chunk or two of memory, not its size.
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or not first.HasField("header"):
             raise InvalidArgument("the first message must carry the blob's header", field="header")
-        raw, media_type = bytes(data), header.media_type or OCTET
-        # Refused here, naming the header field, rather than later by a worker; an image's size
-        # is recorded (shape [H, W, C]) so that Submit can check it without decoding.
-        shape = await asyncio.to_thread(check_upload, media_type, header.dtype, list(header.shape), header.digest, raw)
-        return await asyncio.to_thread(
-            self.blobs.put_bytes, raw, media_type=media_type, dtype=header.dtype, shape=shape
-        )
+        header, media_type = first.header, first.header.media_type or OCTET
+        upload = UploadCheck(media_type, header.dtype, list(header.shape), header.digest, self.max_blob_bytes)
+        writer = self.blobs.open_writer(media_type=media_type, dtype=header.dtype, shape=list(header.shape))
+        try:
+            async for message in messages:
+                if message.HasField("header"):
+                    raise InvalidArgument("only the first message carries a header", field="header")
+                data = message.data
+                upload.feed(data)
+                await asyncio.to_thread(writer.write, data)
+            # An image's size is recorded (shape [H, W, C]) so that Submit can check it without decoding.
+            shape = upload.finish(writer.digest())
+            return await asyncio.to_thread(writer.close, shape)
+        except BaseException:
+            # Shielded: a client that went away cancels this task, and its chunks must still go.
+            await asyncio.shield(asyncio.to_thread(writer.abort))
+            raise
 
     async def ListSchedulers(self, request, context):
         infos = []
@@ -102,13 +111,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gpb.ListSchedulersResponse(schedulers=infos)
 
     async def GetBlob(self, request, context):
-        handle = await asyncio.to_thread(self.blobs.resolve, request.blob if request.blob.digest else request.blob.key)
-        data = await asyncio.to_thread(self.blobs.get_bytes, handle)
+        # Checked before any read: a forged size or chunking must cost a refusal, not a read.
+        size = check_message_bytes(request.chunk_bytes, DEFAULT_CHUNK)
+        check_store_handle(request.blob, self.blobs, self.max_blob_bytes)
+        handle = request.blob if request.blob.digest else await asyncio.to_thread(self.blobs.head, request.blob.key)
+        chunks = self.blobs.iter_chunks(handle)  # one chunk in memory at a time; digest checked on the way
+        part = await asyncio.to_thread(next, chunks, None)  # a blob that is gone fails before its header
         yield gpb.BlobChunk(header=handle)
-        size = request.chunk_bytes or DEFAULT_CHUNK
-        view = memoryview(data)
-        for start in range(0, len(view), size):
-            yield gpb.BlobChunk(data=bytes(view[start : start + size]))
+        while part is not None:
+            view = memoryview(part)
+            for start in range(0, len(view), size):
+                yield gpb.BlobChunk(data=part if len(view) <= size else bytes(view[start : start + size]))
+            part = await asyncio.to_thread(next, chunks, None)
 
 
 def _deadline(context) -> float | None:
