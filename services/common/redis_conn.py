@@ -76,16 +76,18 @@ def connect(url: str, cluster: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_
     return redis.Redis.from_url(url, command_packer=_zero_copy_packer(), **options)
 
 
-def connect_async(url: str, cluster: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
-    """An asyncio client for `url` (same cluster detection, timeouts and retries as `connect`)."""
+def connect_async(url: str, cluster: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, max_connections: int = 100):
+    """An asyncio client for `url` (same cluster detection, timeouts and retries as `connect`).
+    `max_connections` bounds its pool (per node of a cluster); past it a call fails at once, so
+    size it for every call that may hold a connection at the same time (blocking stream reads)."""
     import redis.asyncio as aredis
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
     if cluster == "auto":
         cluster = "yes" if _is_cluster(url, timeout_s) else "no"
     if cluster == "yes":
-        return AsyncRedisCluster.from_url(url, **_async_options(timeout_s))
-    return aredis.Redis.from_url(url, **_async_options(timeout_s))
+        return AsyncRedisCluster.from_url(url, max_connections=max_connections, **_async_options(timeout_s))
+    return aredis.Redis.from_url(url, max_connections=max_connections, **_async_options(timeout_s))
 
 
 def _is_cluster(url: str, timeout_s: float) -> bool:

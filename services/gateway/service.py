@@ -58,7 +58,14 @@ def build(settings, runtime) -> list[Mount]:
     from services.gateway.orchestrator import Orchestrator
     from services.gateway.servicer import GatewayServicer
 
-    redis = connect_async(settings.redis_url, settings.redis_cluster, settings.redis_timeout)
+    # Every Watch holds a connection through its blocking read: with redis-py's default pool of 100,
+    # a burst of watchers made lease renewals fail "Too many connections" (bench/load.py, 200 jobs).
+    redis = connect_async(
+        settings.redis_url,
+        settings.redis_cluster,
+        settings.redis_timeout,
+        max_connections=settings.max_concurrency + 64,
+    )
     jobs = JobStore(redis, retention_s=settings.job_retention)
     static = {
         "denoiser": _addresses(settings.denoisers),
