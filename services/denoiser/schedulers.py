@@ -9,7 +9,6 @@ window checkpoint (checkpoints.py) packs the same header and tensors into a blob
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 from collections.abc import Mapping
@@ -37,12 +36,6 @@ def capabilities(class_name: str, config: Mapping) -> SchedulerCaps:
         noisy = "generator" in inspect.signature(scheduler_class(class_name).step).parameters
         return SchedulerCaps(class_name, NEVER, (), noisy, caps.why)
     return caps
-
-
-@functools.cache
-def scheduler_names() -> tuple[str, ...]:
-    """The diffusers scheduler classes usable here, sorted."""
-    return tuple(sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and _resolve(n) is not None))
 
 
 def _resolve(name: str) -> type[Any] | None:
