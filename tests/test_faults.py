@@ -160,22 +160,29 @@ def test_sigterm_each_denoiser_in_turn_while_jobs_stream_in_fails_no_job(cluster
                 i += 1
             time.sleep(0.3)
 
-    def starting_a_long_window(denoiser) -> None:
-        """Waits until `denoiser` is in the first half of a long window: its drain must hand that one off."""
+    def starting_a_long_window(candidates: list) -> object:
+        """The first of `candidates` seen in the first half of a long window: its drain must hand that one off.
+
+        Placement prefers the denoiser that holds the model, so which one runs the long
+        windows is the cluster's choice; the test drains whichever does, then the other.
+        """
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             for j in list(submitted[-8:]):  # the feeder keeps the ones in flight among the last few
                 stage = client.get(j.id).stages[0]
-                if stage.worker == denoiser.address and stage.total == 24 and 1 <= stage.step <= 12:
-                    return
+                for denoiser in candidates:
+                    if stage.worker == denoiser.address and stage.total == 24 and 1 <= stage.step <= 12:
+                        return denoiser
             time.sleep(0.1)
-        raise AssertionError(f"{denoiser.name} never started a long window")
+        raise AssertionError(f"none of {[d.address for d in candidates]} started a long window")
 
     feeder = threading.Thread(target=stream)
     feeder.start()
+    undrained = list(cluster.denoisers)
     try:
-        for denoiser in list(cluster.denoisers):
-            starting_a_long_window(denoiser)
+        while undrained:
+            denoiser = starting_a_long_window(undrained)
+            undrained.remove(denoiser)
             denoiser.signal(signal.SIGTERM)
             assert denoiser.wait(30) == 0, denoiser.log_tail()
             denoiser.restart()
