@@ -10,6 +10,7 @@ import torch
 
 from services.client import BatonClient
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.common.tls import PLAINTEXT, ClientTLS
 from services.devkit.cluster import LocalCluster, ServiceProcess
 from services.devkit.tiny_models import build
 from tests.service_procs import REPO, TEST_ENV
@@ -38,7 +39,8 @@ class Cluster:
 
     def __init__(self, root: Path, models: dict[str, str], denoisers: int = 1, gateway_env: dict | None = None,
                  interposer_env: dict | None = None, processor_env: dict | None = None, *, gateways: int = 1,
-                 denoiser_env: dict | None = None, redis_persistence: str = "none"):  # fmt: skip
+                 denoiser_env: dict | None = None, redis_persistence: str = "none",
+                 probe_tls: ClientTLS = PLAINTEXT):  # fmt: skip
         self.root = root
         self.models = models
         optional = {
@@ -67,6 +69,7 @@ class Cluster:
             replicas={"gateway": gateways, "denoiser": denoisers},
             redis_persistence=redis_persistence,
             cwd=REPO,  # for tests.plugin_processor
+            probe_tls=probe_tls,
         ).start()
         self.redis = self.local.redis
         self.redis_url = self.local.redis_url or ""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
-OVERLAYS = ["cpu-dev", "gpu"]
+OVERLAYS = ["cpu-dev", "gpu", "secure"]
 SERVICES = ("gateway", "denoiser", "interposer", "processor")
 BIN = Path(sys.executable).parent
 K8S_VERSION = "1.37.0"
@@ -30,14 +32,23 @@ def tool(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or pytest.fail(f"{name} is not installed"))
 
 
+@functools.cache
+def kustomize(overlay: str) -> str:
+    result = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def render(overlay: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(kustomize(overlay)) if d]
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request, tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("k8s") / f"{request.param}.yaml"
-    result = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / request.param)],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    out.write_text(result.stdout)
-    return out, [d for d in yaml.safe_load_all(result.stdout) if d]
+    out.write_text(kustomize(request.param))
+    return out, render(request.param)
 
 
 def containers(docs: list[dict]):
@@ -66,10 +77,17 @@ def test_container_and_probe_ports_are_the_services_defaults(rendered):
         defaults = settings_of(service)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"grpc": defaults["BATON_PORT"], "metrics": defaults["BATON_METRICS_PORT"]}, service
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == defaults["BATON_PORT"], (service, probe)
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env.get("BATON_PORT") == str(defaults["BATON_PORT"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if env.get("BATON_TLS_CERT"):
+                # kubelet's gRPC probe speaks plaintext only: over TLS, `baton health` checks
+                # 127.0.0.1:$BATON_PORT with the container's cluster credentials.
+                assert "grpc" not in c[probe], (service, probe)
+                assert c[probe]["exec"]["command"] == ["baton", "health"], (service, probe)
+                assert c[probe]["timeoutSeconds"] >= 5, (service, probe)
+            else:
+                assert c[probe]["grpc"]["port"] == defaults["BATON_PORT"], (service, probe)
         seen.add(service)
     assert seen == set(SERVICES)
 
@@ -113,10 +131,9 @@ def test_only_the_gateway_is_open_to_the_outside(rendered):
     assert all("from" in r for r in policies["baton-workers"]["ingress"])
 
 
-def test_the_gpu_overlay_gives_denoisers_gpus_and_autoscaling():
-    result = subprocess.run([tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / "gpu")],
-                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+@pytest.mark.parametrize("overlay", ["gpu", "secure"])
+def test_the_gpu_overlay_gives_denoisers_gpus_and_autoscaling(overlay):
+    docs = render(overlay)
     denoisers = [c for s, c in containers(docs) if s == "denoiser"]
     assert len(denoisers) == 2 and all(c["resources"]["limits"]["nvidia.com/gpu"] == 1 for c in denoisers)
     assert {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"} == {
@@ -302,3 +319,99 @@ def test_compose_runs_every_container_read_only_without_capabilities():
             assert "/tmp" in service["tmpfs"], name
     for name in ("denoiser", "interposer"):
         assert "models:/models" in compose["services"][name]["volumes"], name
+
+
+# TLS and authentication (overlays/secure = gpu + components/secure; compose.tls.yaml): the
+# Secrets the operator creates, their keys, and the settings that name the files in them.
+SECRETS = {"baton-tls": {"tls.crt", "tls.key", "ca.crt"}, "baton-auth": {"auth.yaml", "cluster-token"}}
+SECURE_FILES = (  # every Baton container: its own port's TLS and identities, its channels to workers
+    "BATON_TLS_CERT",
+    "BATON_TLS_KEY",
+    "BATON_AUTH_FILE",
+    "BATON_CLUSTER_CA",
+    "BATON_CLUSTER_CERT",
+    "BATON_CLUSTER_KEY",
+    "BATON_CLUSTER_TOKEN_FILE",
+)
+WORKER_FILES = ("BATON_TLS_CLIENT_CA",)  # workers serve only the cluster: mTLS
+
+
+def secret_commands(text: str) -> dict[str, set[str]]:
+    """Secret name -> its keys, from the `kubectl create secret generic NAME --from-file=[KEY=]PATH` lines
+    (without KEY=, the key is the file's name)."""
+    found = re.findall(r"kubectl create secret generic (baton-(?:tls|auth))((?: --from-file=\S+)+)", text)
+    return {
+        name: {
+            f.partition("=")[0] if "=" in f else f.rpartition("/")[2] for f in re.findall(r"--from-file=(\S+)", files)
+        }
+        for name, files in found
+    }
+
+
+def test_the_secrets_the_docs_tell_operators_to_create_have_the_keys_the_manifests_read():
+    secure = DEPLOY / "k8s" / "overlays" / "secure" / "kustomization.yaml"
+    for doc in (DEPLOY / "README.md", secure):
+        assert secret_commands(doc.read_text()) == SECRETS, doc
+
+
+def test_only_the_secure_overlay_needs_the_tls_and_auth_secrets_and_none_is_committed():
+    for overlay in OVERLAYS:
+        docs = render(overlay)
+        assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] in SECRETS], overlay
+        used = {
+            v["secret"]["secretName"]
+            for _, t in pod_templates(docs)
+            for v in t["spec"].get("volumes", [])
+            if "secret" in v
+        }
+        assert (used & set(SECRETS)) == (set(SECRETS) if overlay == "secure" else set()), overlay
+
+
+def test_the_secure_overlay_points_every_baton_container_at_files_on_read_only_secret_volumes():
+    docs = render("secure")
+    seen = []
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+        for mode in (s.get("defaultMode", 0o644) for s in secrets.values()):
+            assert mode & ~0o440 == 0, f"{doc['metadata']['name']}: defaultMode {mode:o}"
+        for service, c in containers([doc]):
+            where = f"{doc['metadata']['name']}/{c['name']}"
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"] if m["name"] in secrets}
+            assert all(m.get("readOnly") is True for m in mounts.values()), where
+            env = {e["name"]: e.get("value", "") for e in c["env"]}
+            wanted = SECURE_FILES + (WORKER_FILES if service != "gateway" else ())
+            for var in wanted:
+                folder, _, key = env.get(var, "").rpartition("/")
+                assert folder in mounts, f"{where}: {var}={env.get(var)!r} is not on a mounted Secret"
+                secret = secrets[mounts[folder]["name"]]["secretName"]
+                assert key in SECRETS[secret], f"{where}: {var} names {key!r}, not a key of {secret}"
+            assert env.get("BATON_CLUSTER_SERVER_NAME"), where  # workers are dialled by pod IP
+            seen.append(doc["metadata"]["name"])
+    assert sorted(seen) == sorted([f"baton-{s}" for s in SERVICES] + ["baton-denoiser-flux"])
+
+
+def test_the_compose_tls_override_mounts_the_files_read_only_for_every_baton_service():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    override = yaml.safe_load((DEPLOY / "compose.tls.yaml").read_text())
+    baton = {name for name in compose["services"] if name != "redis"}
+    assert set(override["services"]) == baton
+    ignored = (DEPLOY / ".gitignore").read_text().split()
+    for name, service in override["services"].items():
+        assert set(service) <= {"environment", "volumes"}, f"{name}: the override leaves the hardening alone"
+        known = settings_of(name)
+        env = service["environment"]
+        assert all(k in known for k in env if k.startswith("BATON_")), name
+        mounts = {}
+        for volume in service["volumes"]:
+            source, target, mode = volume.split(":")
+            assert mode == "ro" and source.startswith("./"), (name, volume)
+            assert f"/{source.removeprefix('./')}/" in ignored, f"{source} holds secrets: git-ignore it"
+            mounts[target] = source
+        for var in SECURE_FILES + (WORKER_FILES if name != "gateway" else ()):
+            folder, _, key = env.get(var, "").rpartition("/")
+            assert folder in mounts, f"{name}: {var}={env.get(var)!r} is not on a mounted folder"
+            assert key in set().union(*SECRETS.values()), (name, var)
+        assert env.get("BATON_CLUSTER_SERVER_NAME"), name

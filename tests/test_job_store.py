@@ -98,9 +98,9 @@ def test_reading_after_the_last_event_answers_at_once(url):
 def test_the_index_keeps_only_jobs_within_the_retention(url):
     async def body(store: JobStore):
         old = await new(store, "old")
-        await store.redis.zadd(store._index, {old.id: time.time() - 10})  # as if made 10 s ago
+        await store.redis.zadd(store._index(), {old.id: time.time() - 10})  # as if made 10 s ago
         fresh = await new(store, "fresh")
-        return [m.decode() for m in await store.redis.zrange(store._index, 0, -1)], fresh.id
+        return [m.decode() for m in await store.redis.zrange(store._index(), 0, -1)], fresh.id
 
     members, fresh = with_store(url, body, retention_s=5)
     assert members == [fresh]

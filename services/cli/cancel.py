@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli.gateway_arg import add_gateway
+from services.cli.gateway_arg import add_gateway, client_for
 
 
 def register(subparsers) -> None:
@@ -17,9 +17,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from services.cli.progress import job_state
-    from services.client import BatonClient
 
-    with BatonClient(args.gateway) as client:
+    with client_for(args) as client:
         job = client.cancel(args.job_id, args.reason)
     print(f"{job.id} {job_state(job.state)}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from services.cli.gateway_arg import add_gateway
+from services.cli.gateway_arg import add_gateway, client_for
 
 
 def register(subparsers) -> None:
@@ -19,9 +19,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToJson
 
-    from services.client import BatonClient
-
-    with BatonClient(args.gateway) as client:
+    with client_for(args) as client:
         job = client.get(args.job_id)
         print(MessageToJson(job, preserving_proto_field_name=True))
         if args.out:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from services.cli.gateway_arg import add_gateway
+from services.cli.gateway_arg import add_gateway, client_for
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -20,11 +20,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from services.cli.progress import job_state
-    from services.client import BatonClient
     from services.common.api.baton.v1 import jobs_pb2 as jpb
 
     state: jpb.JobState = getattr(jpb, f"JOB_STATE_{args.state.upper()}") if args.state else jpb.JOB_STATE_UNSPECIFIED
-    with BatonClient(args.gateway) as client:
+    with client_for(args) as client:
         for job in itertools.islice(client.list(state), args.limit):
             created = job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
             print(f"{job.id}  {job_state(job.state):<10} {created}  {job.spec.name}  {job.error}".rstrip())

@@ -28,7 +28,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        # A refusal the user can act on (no token, not found, bad input) is one line, not a traceback.
+        code = getattr(exc, "code", None)
+        if not callable(code) or not hasattr(exc, "details"):
+            raise
+        print(f"baton {args.verb}: {code().name}: {exc.details()}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from services.cli.gateway_arg import add_credentials
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run a job spec and write its outputs", description=__doc__)
@@ -23,6 +25,7 @@ def register(subparsers) -> None:
         default=os.environ.get("BATON_GATEWAY") or None,
         help="gateway address [env BATON_GATEWAY]; none: start a local cluster",
     )
+    add_credentials(p)
     p.add_argument("--idempotency-key", default="", help="the same key returns the same job")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -51,12 +54,12 @@ def run(args: argparse.Namespace) -> int:
 def run_on(address: str, spec, base: Path, args: argparse.Namespace) -> int:
     import grpc
 
+    from services.cli.gateway_arg import client_for
     from services.cli.progress import JobProgress, summary
-    from services.client import BatonClient
     from services.common.api.baton.v1 import jobs_pb2 as jpb
     from services.common.errors import BatonError
 
-    with BatonClient(address) as client:
+    with client_for(args, address) as client:
         try:
             spec = client.upload_inputs(spec, base)
             job = client.submit(spec, args.idempotency_key)

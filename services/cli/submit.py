@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.cli.gateway_arg import add_gateway
+from services.cli.gateway_arg import add_gateway, client_for
 
 
 def register(subparsers) -> None:
@@ -20,12 +20,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from services.client import BatonClient
     from services.common.errors import BatonError
     from services.common.job_files import load_spec
 
     try:
-        with BatonClient(args.gateway) as client:
+        with client_for(args) as client:
             spec = client.upload_inputs(load_spec(args.spec), args.spec.parent)
             print(client.submit(spec, args.idempotency_key).id)
     except grpc.RpcError as exc:

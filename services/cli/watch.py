@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli.gateway_arg import add_gateway
+from services.cli.gateway_arg import add_gateway, client_for
 
 
 def register(subparsers) -> None:
@@ -20,10 +20,9 @@ def run(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToJson
 
     from services.cli.progress import JobProgress, summary
-    from services.client import BatonClient
     from services.common.api.baton.v1 import jobs_pb2 as jpb
 
-    with BatonClient(args.gateway) as client:
+    with client_for(args) as client:
         events = client.watch(args.job_id, args.after)
         if args.events:
             for event in events:

@@ -14,12 +14,18 @@ from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.common.credentials import resolve
 from services.common.tensors import tensor_from_bytes
+from services.common.tls import ClientTLS, open_aio_channel
 
 
 class AsyncBatonClient:
-    def __init__(self, address: str, *, timeout: float | None = None):
-        self.channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+    """BatonClient for asyncio; `tls` and `token` default to the BATON_* env vars."""
+
+    def __init__(
+        self, address: str, *, timeout: float | None = None, tls: ClientTLS | None = None, token: str | None = None
+    ):
+        self.channel = open_aio_channel(address, OPTIONS, *resolve(tls, token))
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.timeout = timeout
 

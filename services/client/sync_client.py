@@ -17,7 +17,9 @@ from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.blobs import TENSOR
+from services.common.credentials import resolve
 from services.common.tensors import tensor_bytes, tensor_from_bytes
+from services.common.tls import ClientTLS, open_channel
 
 CHUNK = 1 << 20
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -36,8 +38,12 @@ def tensor_header(t: torch.Tensor) -> tuple[pb.BlobHandle, memoryview]:
 
 
 class BatonClient:
-    def __init__(self, address: str, *, timeout: float | None = None):
-        self.channel = grpc.insecure_channel(address, options=OPTIONS)
+    """A gateway client. `tls` and `token` default to the BATON_* env vars (services.common.credentials)."""
+
+    def __init__(
+        self, address: str, *, timeout: float | None = None, tls: ClientTLS | None = None, token: str | None = None
+    ):
+        self.channel = open_channel(address, OPTIONS, *resolve(tls, token))
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.timeout = timeout
 

@@ -181,13 +181,15 @@ class BlobStore:
         ttl_s: float | None = None,
         dtype: pb.DType = pb.DTYPE_UNSPECIFIED,
         shape: list[int] | None = None,
+        tenant: str = "",
     ) -> BlobWriter:
-        """A writer of a new anonymous blob whose bytes arrive in pieces (BlobWriter)."""
+        """A writer of a new anonymous blob whose bytes arrive in pieces (BlobWriter); named
+        `<tenant>/<random>` when it is a tenant's upload."""
         ttl = self.ttl_s if ttl_s is None else ttl_s
         if ttl <= 0:
             raise InvalidArgument(f"blob TTL must be positive, got {ttl}")
         header = pb.BlobHandle(
-            key=self.key_for(uuid.uuid4().hex),
+            key=self.key_for(f"{tenant}/{uuid.uuid4().hex}" if tenant else uuid.uuid4().hex),
             generation=time.time_ns(),
             media_type=media_type,
             dtype=dtype,

@@ -61,7 +61,7 @@ class Setting:
 MIB = 1 << 20
 
 COMMON = (
-    Setting("host", "0.0.0.0", "address to listen on"),
+    Setting("host", "127.0.0.1", "address to listen on; 0.0.0.0 for every interface (containers set it)"),
     Setting("port", 0, "gRPC port", int),
     Setting("metrics-port", 0, "Prometheus /metrics HTTP port; 0 turns metrics off", int),
     Setting(
@@ -115,6 +115,21 @@ COMMON = (
         float,
     ),
     Setting("keepalive-timeout", 5.0, "seconds a keepalive ping may go unanswered before the connection drops", float),
+    Setting("tls-cert", "", "PEM certificate this service serves TLS with (re-read when the file changes)"),
+    Setting("tls-key", "", "PEM private key of tls-cert"),
+    Setting("tls-client-ca", "", "PEM CA that must have signed a client's certificate (mTLS); empty: none asked for"),
+    Setting(
+        "auth-file",
+        "",
+        "YAML identities file: hashed tokens and certificate subjects mapped to tenants and roles (re-read when it "
+        "changes); empty with no tls-client-ca: no authentication",
+    ),
+    Setting("auth-open-health", True, "health checks and reflection answer without credentials", parse_bool),
+    Setting("cluster-ca", "", "PEM CA that verifies workers' certificates on this service's channels to them"),
+    Setting("cluster-cert", "", "PEM client certificate this service presents to workers (mTLS)"),
+    Setting("cluster-key", "", "PEM private key of cluster-cert"),
+    Setting("cluster-server-name", "", "name workers' certificates are checked against instead of their address"),
+    Setting("cluster-token-file", "", "file holding the bearer token this service presents to workers"),
     Setting("log-level", "info", "log level", choices=("debug", "info", "warning", "error")),
     Setting("log-format", "json", "json lines for log collectors, text for people", choices=("json", "text")),
 )

@@ -87,6 +87,14 @@ class NotFound(BatonError):
     code = "NOT_FOUND"
 
 
+class Unauthenticated(BatonError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BatonError):
+    code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(BatonError):
     code = "FAILED_PRECONDITION"
 

@@ -16,6 +16,8 @@
 - A client that goes away (a closed Watch, a cancelled call) is CANCELLED, not an error.
 - At most `max_concurrency` calls are served at once; health checks and reflection are never
   refused, so a busy service still answers its probes.
+- Every call passes the service's gate first (auth.Gate: who is calling, may they), which
+  sets auth.CALLER for the servicer; UNAUTHENTICATED and PERMISSION_DENIED come from there.
 """
 
 from __future__ import annotations
@@ -185,10 +187,16 @@ class _Limit:
         self.active = 0
 
 
-def _wrap_unary_response(method: str, behavior: Callable, limit: _Limit | None, streaming: bool) -> Callable:
+Gate = Callable[[str, grpc.aio.ServicerContext], None]
+
+
+def _wrap_unary_response(
+    method: str, behavior: Callable, limit: _Limit | None, streaming: bool, gate: Gate
+) -> Callable:
     async def handler(request_or_iterator, context):
         call = _Call(method, context)
         try:
+            gate(method, context)
             _enter(limit, method)
             try:
                 response = await behavior(_checked(request_or_iterator, streaming), context)
@@ -202,10 +210,13 @@ def _wrap_unary_response(method: str, behavior: Callable, limit: _Limit | None, 
     return handler
 
 
-def _wrap_stream_response(method: str, behavior: Callable, limit: _Limit | None, streaming: bool) -> Callable:
+def _wrap_stream_response(
+    method: str, behavior: Callable, limit: _Limit | None, streaming: bool, gate: Gate
+) -> Callable:
     async def handler(request_or_iterator, context):
         call = _Call(method, context)
         try:
+            gate(method, context)
             _enter(limit, method)
             try:
                 result = behavior(_checked(request_or_iterator, streaming), context)
@@ -244,8 +255,9 @@ def _leave(limit: _Limit | None) -> None:
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Maps errors to status codes (INTERNAL, logged, for anything else), admits calls and records metrics."""
 
-    def __init__(self, max_concurrency: int = 0):
+    def __init__(self, max_concurrency: int = 0, gate: Gate | None = None):
         self.limit = _Limit(max_concurrency) if max_concurrency > 0 else None
+        self.gate: Gate = gate or (lambda method, context: None)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -256,24 +268,24 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         deserializer = _tolerant(method, handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.unary_unary, limit, streaming=False),
+                _wrap_unary_response(method, handler.unary_unary, limit, streaming=False, gate=self.gate),
                 deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.unary_stream, limit, streaming=False),
+                _wrap_stream_response(method, handler.unary_stream, limit, streaming=False, gate=self.gate),
                 deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.stream_unary, limit, streaming=True),
+                _wrap_unary_response(method, handler.stream_unary, limit, streaming=True, gate=self.gate),
                 deserializer,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.stream_stream, limit, streaming=True),
+            _wrap_stream_response(method, handler.stream_stream, limit, streaming=True, gate=self.gate),
             deserializer,
             handler.response_serializer,
         )

@@ -26,14 +26,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common.auth import CLUSTER, CLUSTER_ONLY, TENANTS, USER, Authenticator, Gate, method_roles
 from services.common.blobs import BlobStore
 from services.common.config import Setting, build_parser
-from services.common.errors import Unavailable
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.grpc_options import server_options
 from services.common.interceptor import StatusInterceptor
 from services.common.logs import setup_logging
 from services.common.redis_conn import REDIS_DOWN, Client, connect, redact
 from services.common.registry import WorkerRegistry, new_worker_id
+from services.common.tls import ClientTLS, add_port, server_credentials
 
 log = logging.getLogger("baton.server")
 
@@ -46,6 +48,8 @@ class Mount:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     # Full service name, e.g. "baton.v1.Denoiser", for health and reflection.
     name: str
+    # Roles that may call its RPCs (auth.requires marks exceptions): workers serve only the cluster.
+    callers: frozenset[str] = CLUSTER_ONLY
 
 
 @dataclass
@@ -117,18 +121,46 @@ def connect_redis(settings: argparse.Namespace, wait_s: float = 20.0) -> Client:
             time.sleep(0.5)
 
 
-def worker_pool(settings: argparse.Namespace, runtime: Runtime, static: dict[str, list[str]], **kwargs: Any):
-    """The WorkerPool a service calls other workers through, with this service's limits and keepalive."""
-    from services.common.workers import WorkerPool
+def cluster_tls(settings: argparse.Namespace) -> ClientTLS:
+    """What this service's channels to workers trust and present."""
+    return ClientTLS.of(settings.cluster_ca, settings.cluster_cert, settings.cluster_key, settings.cluster_server_name)
 
+
+def worker_pool(settings: argparse.Namespace, runtime: Runtime, static: dict[str, list[str]], **kwargs: Any):
+    """The WorkerPool a service calls other workers through, with this service's limits, keepalive and
+    cluster credentials."""
+    from services.common.workers import WorkerPool, read_token
+
+    tls = cluster_tls(settings)
+    if settings.cluster_token_file:  # refused at start, not at the first call to a worker
+        read_token(settings.cluster_token_file)
+        if not tls.enabled:
+            raise InvalidArgument(
+                "cluster-token-file needs cluster-ca: the token is sent to workers only over TLS",
+                field="cluster-token-file",
+            )
     return WorkerPool(
         WorkerRegistry(runtime.redis),
         static,
         settings.max_message_bytes,
         keepalive_s=settings.keepalive,
         keepalive_timeout_s=settings.keepalive_timeout,
+        tls=tls,
+        token_file=settings.cluster_token_file,
         **kwargs,
     )
+
+
+def gate_for(settings: argparse.Namespace, mounts: list[Mount]) -> Gate:
+    """Who may call this service: the identities file and client CA, each mount's roles."""
+    tenant_facing = any(m.callers == TENANTS for m in mounts)
+    authenticator = Authenticator(
+        settings.auth_file, settings.tls_client_ca, cert_role=USER if tenant_facing else CLUSTER
+    )
+    roles: dict[str, frozenset[str]] = {}
+    for m in mounts:
+        roles.update(method_roles(m.name, m.servicer, m.callers))
+    return Gate(authenticator, roles, open_health=settings.auth_open_health)
 
 
 def make_runtime(settings: argparse.Namespace) -> Runtime:
@@ -143,13 +175,13 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
         import torch  # workers only: the gateway never loads torch
 
         torch.set_num_threads(settings.torch_threads)
+    mounts = service.build(settings, runtime)
     server = grpc.aio.server(
         # The limit lives in the interceptor, not in grpc's maximum_concurrent_rpcs, which would
         # refuse health checks too (a Kubernetes probe would restart a merely busy worker).
-        interceptors=[StatusInterceptor(settings.max_concurrency)],
+        interceptors=[StatusInterceptor(settings.max_concurrency, gate_for(settings, mounts))],
         options=server_options(settings.max_message_bytes, settings.keepalive, settings.keepalive_timeout),
     )
-    mounts = service.build(settings, runtime)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for mount in mounts:
@@ -157,8 +189,8 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
     names = [m.name for m in mounts]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
 
-    address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    port = add_port(server, settings.host, settings.port, credentials)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     await server.start()
@@ -173,7 +205,12 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
     log.info(
         "%s serving",
         service.name,
-        extra={"address": f"{settings.host}:{port}", "metrics_port": settings.metrics_port, "services": names},
+        extra={
+            "address": f"{settings.host}:{port}",
+            "tls": "mtls" if settings.tls_client_ca else "tls" if credentials else "plaintext",
+            "metrics_port": settings.metrics_port,
+            "services": names,
+        },
     )
 
     stop = asyncio.Event()
@@ -284,8 +321,8 @@ def main(service: Service, argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level, settings.log_format)
     try:
         runtime = make_runtime(settings)
-    except Unavailable as exc:
+        asyncio.run(serve(service, settings, runtime))
+    except (Unavailable, InvalidArgument) as exc:  # Redis away; unreadable certificates or identities
         log.error("%s cannot start: %s", service.name, exc)
         return 1
-    asyncio.run(serve(service, settings, runtime))
     return 0

@@ -23,6 +23,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -30,10 +31,11 @@ import grpc
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import workers_pb2 as wpb
 from services.common.backoff import Backoff
-from services.common.errors import RETRY_TRAILER, DeadlineExceeded, Unavailable
+from services.common.errors import RETRY_TRAILER, DeadlineExceeded, InvalidArgument, Unavailable
 from services.common.grpc_options import channel_options
 from services.common.redis_conn import REDIS_DOWN
 from services.common.registry import WorkerRegistry
+from services.common.tls import PLAINTEXT, ClientTLS, file_stamp, open_aio_channel
 
 log = logging.getLogger("baton.workers")
 HOLDING = (dpb.MODEL_STATE_READY, dpb.MODEL_STATE_OFFLOADED)
@@ -149,6 +151,19 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
+# Seconds calls on a channel made with rotated-out credentials may still take.
+ROTATION_GRACE_S = 600.0
+
+
+def read_token(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot read the cluster token file {path!r}: {exc.strerror}", field="cluster-token-file"
+        ) from exc
+
+
 class WorkerPool:
     def __init__(
         self,
@@ -160,8 +175,15 @@ class WorkerPool:
         keepalive_timeout_s: float = 5.0,
         worker_wait_s: float = 300.0,
         attempts: int = 3,
+        tls: ClientTLS = PLAINTEXT,
+        token_file: str = "",
     ):
         self.registry = registry
+        self.tls = tls
+        self.token_file = token_file
+        # The credentials' files as last read: channels are made anew when they change.
+        self._credentials_seen: tuple = ()
+        self._checked_at = 0.0
         self.static = static
         self.options = channel_options(max_message_bytes, keepalive_s, keepalive_timeout_s)
         self.worker_wait_s = worker_wait_s
@@ -174,9 +196,25 @@ class WorkerPool:
         self._down: dict[str, tuple[float, float]] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
+        self._follow_rotation()
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=self.options)
+            token = read_token(self.token_file) if self.token_file else ""
+            self._channels[address] = open_aio_channel(address, self.options, self.tls, token)
         return self._channels[address]
+
+    def _follow_rotation(self, every_s: float = 5.0) -> None:
+        """Rotated certificates or token: new calls go on new channels; calls in flight finish on the old."""
+        now = time.monotonic()
+        if now - self._checked_at < every_s:
+            return
+        self._checked_at = now
+        seen = (self.tls.fingerprint(), file_stamp(self.token_file) if self.token_file else ())
+        if seen != self._credentials_seen and self._channels:
+            log.info("cluster credentials changed; reconnecting to workers with the new ones")
+            for old in self._channels.values():
+                asyncio.get_running_loop().create_task(old.close(grace=ROTATION_GRACE_S))
+            self._channels.clear()
+        self._credentials_seen = seen
 
     # -- who is there ----------------------------------------------------------------------
     async def workers(self, kind: str, max_age_s: float = 0.2) -> list[Worker]:

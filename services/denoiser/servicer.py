@@ -21,6 +21,7 @@ from services.common.admission import Ticket, WorkSlots
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.api.baton.v1 import workers_pb2 as wpb
+from services.common.auth import ADMIN, requires
 from services.common.errors import Cancelled, DeadlineExceeded, Draining
 from services.denoiser.cache import AVAILABLE, OFFLOADED, READY, ModelCache
 from services.denoiser.codec import VaeCodec
@@ -41,13 +42,6 @@ def status(phase: str, *, queue_position: int = 0, resumed_from: int = 0) -> dpb
     return dpb.DenoiseEvent(
         status=dpb.WindowStatus(phase=phase, queue_position=queue_position, resumed_from=resumed_from)
     )
-
-
-def admin_only(rpc):
-    """Marks an RPC that changes what a worker holds (LoadModel, UnloadModel). Once Baton
-    authenticates callers (issue 14), this is where a caller without the admin role is refused;
-    until then every caller may, as before."""
-    return rpc
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
@@ -186,7 +180,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         card = await self._run(self.cache.inspect, request.model)
         return model_info(card, AVAILABLE)
 
-    @admin_only
+    @requires(ADMIN)  # changes what the worker holds
     async def LoadModel(self, request, context):
         options = {}
         if request.dtype:
@@ -198,7 +192,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         model = await self._run(lambda: self.cache.load(request.model, **options))
         return model_info(card_of(model), READY, model)
 
-    @admin_only
+    @requires(ADMIN)  # changes what the worker holds
     async def UnloadModel(self, request, context):
         await self._run(self.cache.unload, request.model)
         return dpb.UnloadModelResponse()

@@ -26,6 +26,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.tls import PLAINTEXT, ClientTLS, open_channel
+
 SERVICES = ("gateway", "denoiser", "interposer", "processor")
 DEFAULT_PORTS = {"gateway": 50051, "denoiser": 50052, "interposer": 50053, "processor": 50054}
 PERSISTENCE = {
@@ -89,9 +91,9 @@ def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
             return port
 
 
-def health_status(address: str, timeout: float = 1.0, service: str = "") -> str:
+def health_status(address: str, timeout: float = 1.0, service: str = "", tls: ClientTLS = PLAINTEXT) -> str:
     """The grpc.health.v1 status name of `address`, or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, [], tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -402,6 +404,8 @@ class ServiceProcess:
         }
         self.process: subprocess.Popen | None = None
         self._channel: grpc.Channel | None = None
+        # How this harness reaches it: set for a service that serves TLS (and asks for a certificate).
+        self.tls: ClientTLS = PLAINTEXT
 
     @property
     def address(self) -> str:
@@ -421,7 +425,7 @@ class ServiceProcess:
         """A channel to it, made on first use; it reconnects across restarts on the same port."""
         if self._channel is None:
             options = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
-            self._channel = grpc.insecure_channel(self.address, options=options)
+            self._channel = open_channel(self.address, options, self.tls)
         return self._channel
 
     def _started(self) -> subprocess.Popen:
@@ -450,7 +454,7 @@ class ServiceProcess:
 
     # -- look -----------------------------------------------------------------------------------
     def health(self, timeout: float = 1.0) -> str:
-        return health_status(self.address, timeout)
+        return health_status(self.address, timeout, tls=self.tls)
 
     def metrics(self) -> dict[str, float]:
         """Its /metrics as {sample with labels: value}."""
@@ -536,8 +540,11 @@ class LocalCluster:
         replicas: Mapping[str, int] | None = None,
         redis_persistence: str = "none",
         cwd: Path | None = None,
+        probe_tls: ClientTLS = PLAINTEXT,
     ):
         self.services = tuple(services)
+        # How the harness reaches services that serve TLS (health probes, their `channel`).
+        self.probe_tls = probe_tls
         self.redis_url = redis_url
         self.log_dir = log_dir
         self.env = dict(env or {})
@@ -591,6 +598,7 @@ class LocalCluster:
             metrics_port=free_port(default - 50051 + 9151 if default else 0),
             cwd=self.cwd,
         )
+        process.tls = self.probe_tls
         self._processes.append(process.start())
         return process
 

@@ -99,9 +99,9 @@ class JobStore:
     def _key(self, job_id: str, part: str = "") -> str:
         return f"{self.prefix}:job:{{{job_id}}}" + (f":{part}" if part else "")
 
-    @property
-    def _index(self) -> str:
-        return f"{self.prefix}:jobs"
+    def _index(self, tenant: str | None = None) -> str:
+        """Every job, newest last; or one tenant's."""
+        return f"{self.prefix}:jobs" + (f":tenant:{tenant}" if tenant is not None else "")
 
     @property
     def _active(self) -> str:
@@ -122,7 +122,8 @@ class JobStore:
     async def create(self, job: jpb.Job, idempotency_key: str, deadline: float) -> tuple[jpb.Job, bool]:
         """Records and queues `job`, or returns the job an earlier Submit with the same key made."""
         if idempotency_key:
-            idem = f"{self.prefix}:idem:{{{idempotency_key}}}"
+            # Per tenant: one tenant's key neither finds nor blocks another's job.
+            idem = f"{self.prefix}:idem:{{{job.tenant}/{idempotency_key}}}"
             if not await self.redis.set(idem, job.id, nx=True, px=self._ttl_ms()):
                 return await self.get(_text(await self.redis.get(idem))), False
         job.state = jpb.JOB_STATE_QUEUED
@@ -131,8 +132,9 @@ class JobStore:
         await self.save(job, must_exist=False)
         created = job.created_at.ToNanoseconds() / 1e9
         await self.append(job.id, jpb.JobEvent(job_state=jpb.JOB_STATE_QUEUED))
-        await self.redis.zadd(self._index, {job.id: created})
-        await self.redis.zremrangebyscore(self._index, "-inf", time.time() - self.retention_s)
+        for index in (self._index(), self._index(job.tenant)):
+            await self.redis.zadd(index, {job.id: created})
+            await self.redis.zremrangebyscore(index, "-inf", time.time() - self.retention_s)
         await self.redis.sadd(self._active, job.id)
         await self.enqueue(job.id, created, deadline)
         return job, True
@@ -155,13 +157,16 @@ class JobStore:
         args = [job.SerializeToString(), int(job.state), self._ttl_ms(), "1" if must_exist else "0"]
         return int(await self._save(keys=[self._key(job.id)], args=args))
 
-    async def list_jobs(self, state: int, page_size: int, page_token: str) -> tuple[list[jpb.Job], str]:
-        """Newest first; the token is an offset into the index."""
+    async def list_jobs(
+        self, state: int, page_size: int, page_token: str, tenant: str | None = None
+    ) -> tuple[list[jpb.Job], str]:
+        """Newest first, every tenant's or `tenant`'s; the token is an offset into the index."""
+        index = self._index(tenant)
         size = min(max(page_size, 1), 1000) if page_size else 100
         offset = int(page_token or 0)
         jobs: list[jpb.Job] = []
         while len(jobs) < size:
-            ids = await self.redis.zrevrange(self._index, offset, offset + size - 1)
+            ids = await self.redis.zrevrange(index, offset, offset + size - 1)
             if not ids:
                 return jobs, ""
             offset += len(ids)
@@ -169,7 +174,7 @@ class JobStore:
                 try:
                     job = await self.get(_text(job_id))
                 except NotFound:
-                    await self.redis.zrem(self._index, job_id)
+                    await self.redis.zrem(index, job_id)
                     continue
                 if not state or job.state == state:
                     jobs.append(job)
@@ -224,7 +229,7 @@ class JobStore:
         return await self.redis.zscore(self._queue, job_id) is not None
 
     async def submitted_at(self, job_id: str) -> float | None:
-        score = await self.redis.zscore(self._index, job_id)
+        score = await self.redis.zscore(self._index(), job_id)
         return None if score is None else float(score)
 
     # -- leases, cancelling, bookkeeping ---------------------------------------------------
@@ -256,7 +261,7 @@ class JobStore:
         """Removes an expired job's id from the active set, the queue and the index; True for the
         one caller (of all replicas) that removed it from the active set."""
         await self.dequeue(job_id)
-        await self.redis.zrem(self._index, job_id)
+        await self.redis.zrem(self._index(), job_id)
         return bool(await self.redis.srem(self._active, job_id))
 
     async def request_cancel(self, job_id: str, reason: str) -> None:

@@ -27,6 +27,7 @@ import grpc
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.common.auth import OPEN, Identity
 from services.common.backoff import Backoff
 from services.common.blobs import BlobStore
 from services.common.errors import BatonError, BlobNotFound, RedisDown, Unavailable
@@ -49,6 +50,7 @@ from services.gateway.jobs import (
 from services.gateway.planner import WORKER_FOR, Plan, Planner, referenced_models, uses_processors
 from services.gateway.stages import RUNNERS, StageCall, StageResult, process
 from services.gateway.step_times import StepTimes
+from services.gateway.tenancy import check_blob_key, tenant_of
 
 log = logging.getLogger("baton.gateway")
 T = TypeVar("T")
@@ -126,15 +128,16 @@ class Orchestrator:
         )
 
     # -- planning, submitting, cancelling --------------------------------------------------
-    async def plan(self, spec: jpb.JobSpec, deadline: float | None = None) -> Plan:
-        """The checked DAG for `spec`; InvalidArgument names the stage and field at fault."""
+    async def plan(self, spec: jpb.JobSpec, deadline: float | None = None, caller: Identity | None = None) -> Plan:
+        """The checked DAG for `spec`; InvalidArgument names the stage and field at fault. With
+        `caller` (at Submit), an input blob outside the caller's tenant is NOT_FOUND."""
         deadline = deadline or time.time() + 60
         models = await self.catalog.resolve_all(referenced_models(spec), deadline)
         processors = await self.catalog.processors(deadline) if uses_processors(spec) else {}
-        stored = await self._stored(spec)
+        stored = await self._stored(spec, caller)
         return Planner(models, await self.pool.kinds(), processors, self.limits, stored).plan(spec)
 
-    async def _stored(self, spec: jpb.JobSpec) -> dict[str, pb.BlobHandle]:
+    async def _stored(self, spec: jpb.JobSpec, caller: Identity | None) -> dict[str, pb.BlobHandle]:
         """The full handles of the inputs' blobs (a key-only handle names its blob's latest write),
         each checked to exist: an expired input fails at Submit, not in the middle of the job."""
         stored = {}
@@ -142,12 +145,10 @@ class Orchestrator:
             source = item.WhichOneof("source")
             blob = item.blob if source == "blob" else item.latents.blob if source == "latents" else None
             if blob is not None and blob.key:
-                check_store_handle(
-                    blob,
-                    self.blobs,
-                    self.max_blob_bytes,
-                    field=f"inputs[{n}].{source}.blob" if source == "latents" else f"inputs[{n}].blob",
-                )
+                where = f"inputs[{n}].{source}.blob" if source == "latents" else f"inputs[{n}].blob"
+                check_store_handle(blob, self.blobs, self.max_blob_bytes, field=where)
+                if caller is not None:
+                    check_blob_key(blob.key, self.blobs, caller, field=f"{where}.key")
                 try:
                     handle = await asyncio.to_thread(self.blobs.resolve, blob)
                     if not await asyncio.to_thread(self.blobs.exists, handle):
@@ -157,12 +158,15 @@ class Orchestrator:
                 stored[blob.key] = handle
         return stored
 
-    async def submit(self, spec: jpb.JobSpec, idempotency_key: str = "", deadline: float | None = None) -> jpb.Job:
+    async def submit(
+        self, spec: jpb.JobSpec, idempotency_key: str = "", deadline: float | None = None, caller: Identity = OPEN
+    ) -> jpb.Job:
         if not spec.HasField("seed"):
             # Recorded in the job, so that every attempt of a stage draws the same noise.
             spec.seed = secrets.randbits(63)
-        plan = await self.plan(spec, deadline)
+        plan = await self.plan(spec, deadline, caller)
         job = self.jobs.new_job(spec, idempotency_key)
+        job.tenant = caller.tenant
         for name in plan.order:
             job.stages.add(name=name, kind=plan.stages[name].kind, state=jpb.STAGE_STATE_PENDING)
         job.created_at.CopyFrom(now_ts())
@@ -569,6 +573,7 @@ class Orchestrator:
         mask = getattr(body, "mask", "")
         return StageCall(
             job_id=job.id,
+            tenant=tenant_of(job),
             stage=planned,
             latents=[latents_of(r) for r in refs],
             images=images,

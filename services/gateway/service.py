@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.common import limits
 from services.common.api.baton.v1 import gateway_pb2_grpc
+from services.common.auth import TENANTS
 from services.common.config import Setting, service_settings
 from services.common.server import Mount, Service
 
@@ -90,7 +91,7 @@ def build(settings, runtime) -> list[Mount]:
     runtime.on_shutdown(orchestrator.stop)
     runtime.on_shutdown(pool.close)
     servicer = GatewayServicer(orchestrator, jobs, runtime.store, settings.max_blob_bytes)
-    return [Mount(servicer, gateway_pb2_grpc.add_GatewayServicer_to_server, "baton.v1.Gateway")]
+    return [Mount(servicer, gateway_pb2_grpc.add_GatewayServicer_to_server, "baton.v1.Gateway", callers=TENANTS)]
 
 
 SERVICE = Service("gateway", "Plans jobs into stage DAGs, routes stages to workers, streams progress.", SETTINGS, build)

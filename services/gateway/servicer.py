@@ -8,6 +8,7 @@ import time
 from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.api.baton.v1 import jobs_pb2 as jpb
+from services.common.auth import caller
 from services.common.blobs import OCTET, BlobStore
 from services.common.errors import InvalidArgument
 from services.common.rules.blobs import (
@@ -20,6 +21,7 @@ from services.common.scheduler_caps import capabilities
 from services.common.scheduler_options import OPTIONS
 from services.gateway.jobs import TERMINAL, JobStore
 from services.gateway.orchestrator import Orchestrator
+from services.gateway.tenancy import check_blob_key, visible
 
 DEFAULT_CHUNK = 1 << 20
 
@@ -31,16 +33,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.blobs = blobs
         self.max_blob_bytes = max_blob_bytes
 
+    async def _job(self, job_id: str) -> jpb.Job:
+        """The caller's job; NOT_FOUND for an unknown one or another tenant's alike."""
+        return visible(await self.jobs.get(job_id), caller())
+
     async def Submit(self, request, context):
-        return await self.orchestrator.submit(request.spec, request.idempotency_key, _deadline(context))
+        return await self.orchestrator.submit(request.spec, request.idempotency_key, _deadline(context), caller())
 
     async def Run(self, request, context):
-        job = await self.orchestrator.submit(request.spec, request.idempotency_key, _deadline(context))
+        job = await self.orchestrator.submit(request.spec, request.idempotency_key, _deadline(context), caller())
         async for event in self._events(job.id, ""):
             yield event
 
     async def Watch(self, request, context):
-        await self.jobs.get(request.job_id)  # NOT_FOUND for an unknown job
+        await self._job(request.job_id)
         async for event in self._events(request.job_id, request.after_event_id):
             yield event
 
@@ -64,13 +70,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             place = now
 
     async def Get(self, request, context):
-        return await self.orchestrator.with_position(await self.jobs.get(request.job_id))
+        return await self.orchestrator.with_position(await self._job(request.job_id))
 
     async def Cancel(self, request, context):
+        await self._job(request.job_id)
         return await self.orchestrator.cancel(request.job_id, request.reason)
 
     async def List(self, request, context):
-        jobs, token = await self.jobs.list_jobs(request.state, request.page_size, request.page_token)
+        who = caller()
+        tenant = None if who.sees_all else who.tenant
+        jobs, token = await self.jobs.list_jobs(request.state, request.page_size, request.page_token, tenant)
         jobs = [await self.orchestrator.with_position(j) for j in jobs]
         return gpb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
@@ -83,7 +92,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument("the first message must carry the blob's header", field="header")
         header, media_type = first.header, first.header.media_type or OCTET
         upload = UploadCheck(media_type, header.dtype, list(header.shape), header.digest, self.max_blob_bytes)
-        writer = self.blobs.open_writer(media_type=media_type, dtype=header.dtype, shape=list(header.shape))
+        writer = self.blobs.open_writer(
+            media_type=media_type, dtype=header.dtype, shape=list(header.shape), tenant=caller().tenant
+        )
         try:
             async for message in messages:
                 if message.HasField("header"):
@@ -114,6 +125,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # Checked before any read: a forged size or chunking must cost a refusal, not a read.
         size = check_message_bytes(request.chunk_bytes, DEFAULT_CHUNK)
         check_store_handle(request.blob, self.blobs, self.max_blob_bytes)
+        check_blob_key(request.blob.key, self.blobs, caller(), field="blob.key")
         handle = request.blob if request.blob.digest else await asyncio.to_thread(self.blobs.head, request.blob.key)
         chunks = self.blobs.iter_chunks(handle)  # one chunk in memory at a time; digest checked on the way
         part = await asyncio.to_thread(next, chunks, None)  # a blob that is gone fails before its header

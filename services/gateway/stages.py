@@ -24,6 +24,7 @@ from services.common.api.baton.v1 import (
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.workers import Stalled
 from services.gateway.planner import PlannedStage
+from services.gateway.tenancy import blob_name
 
 # Called with each step or status event of a denoise window.
 Progress = Callable[[dpb.DenoiseEvent], Awaitable[None]]
@@ -36,6 +37,7 @@ class StageCall:
     """What a stage needs besides its planned request: its resolved inputs and where to put its result."""
 
     job_id: str
+    tenant: str
     stage: PlannedStage
     latents: list[pb.LatentHandle]
     # The image input: one image, or every image of a batch a decode stage made.
@@ -49,8 +51,9 @@ class StageCall:
 
     @property
     def output_key(self) -> str:
-        # Keyed by job and stage: a retried stage rewrites the same blob, never a second one.
-        return f"{self.job_id}/{self.stage.name}"
+        # Keyed by job and stage: a retried stage rewrites the same blob, never a second one; under
+        # the job's tenant, whose blobs they are (tenancy.py).
+        return blob_name(self.tenant, f"{self.job_id}/{self.stage.name}")
 
 
 @dataclass
