@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[server,dev]'
 	touch $(STAMP)
 
 redis:
@@ -47,6 +47,7 @@ bench: setup
 	$(PY) -m bench.denoise
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.interposer
+	$(PY) -m bench.cli_start
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

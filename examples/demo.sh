@@ -6,14 +6,9 @@ cd "$(dirname "$0")/.."
 BATON="${BATON:-.venv/bin/baton}"
 OUT="${OUT:-out}"
 if [ -z "${BATON_MODELS:-}" ]; then
-  TINY="${TINY_MODELS:-models/tiny}"
-  for half in a b; do
-    seed=$([ "$half" = a ] && echo 0 || echo 1)
-    [ -d "$TINY/$half/flux" ] || "$BATON" dev tiny-models "$TINY/$half" --family sd1 --family sdxl --family flux \
-      --seed "$seed" >/dev/null
-  done
-  export BATON_MODELS="sd1-a=$TINY/a/sd1,sd1-b=$TINY/b/sd1,sdxl-base=$TINY/a/sdxl,sdxl-second=$TINY/b/sdxl,\
-flux-a=$TINY/a/flux,flux-b=$TINY/b/flux"
+  # The same mapping `baton up` needs for these specs (README: "A local cluster").
+  BATON_MODELS="$("$BATON" dev demo-models "${TINY_MODELS:-models/tiny}")"
+  export BATON_MODELS
   echo "using tiny random models: $BATON_MODELS"
 fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"

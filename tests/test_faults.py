@@ -161,7 +161,8 @@ def test_sigterm_each_denoiser_in_turn_while_jobs_stream_in_fails_no_job(cluster
             time.sleep(0.3)
 
     def starting_a_long_window(candidates: list) -> object:
-        """The first of `candidates` seen in the first half of a long window: its drain must hand that one off.
+        """The first of `candidates` seen in the first half of a long window, past its first checkpoint:
+        its drain must hand that one off.
 
         Placement prefers the denoiser that holds the model, so which one runs the long
         windows is the cluster's choice; the test drains whichever does, then the other.
@@ -171,7 +172,8 @@ def test_sigterm_each_denoiser_in_turn_while_jobs_stream_in_fails_no_job(cluster
             for j in list(submitted[-8:]):  # the feeder keeps the ones in flight among the last few
                 stage = client.get(j.id).stages[0]
                 for denoiser in candidates:
-                    if stage.worker == denoiser.address and stage.total == 24 and 1 <= stage.step <= 12:
+                    # Step 2 onwards: the window has a checkpoint (every 2 steps) to be handed off from.
+                    if stage.worker == denoiser.address and stage.total == 24 and 2 <= stage.step <= 12:
                         return denoiser
             time.sleep(0.1)
         raise AssertionError(f"none of {[d.address for d in candidates]} started a long window")

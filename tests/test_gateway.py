@@ -72,7 +72,9 @@ def test_sd1_demo_spec_equals_the_in_process_reference(cluster, models, tmp_path
     finish = sd1_window_reference(models["sd1-b"], b.prompt, b.negative_prompt, b.steps, b.guidance_scale, spec.seed,
                                   b.denoising_start, 1.0, draft)  # fmt: skip
     ours_draft, draft_meta = read_latents_file(tmp_path / "draft.safetensors")
+    ours_draft = ours_draft.torch()
     ours_finish, finish_meta = read_latents_file(tmp_path / "finish.safetensors")
+    ours_finish = ours_finish.torch()
     # Computed in the denoiser's process: equal up to thread effects (reference/tiny_models.md).
     torch.testing.assert_close(ours_draft, draft, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_finish, finish, rtol=0, atol=1e-5)
@@ -105,6 +107,7 @@ outputs:
     draft = sd1_window_reference(models["sd1-a"], "a lighthouse", "blurry", 10, 7.5, 7, 0.0, 0.6, None, batch=2)
     finish = sd1_window_reference(models["sd1-b"], "a lighthouse", "blurry", 10, 7.5, 7, 0.6, 1.0, draft, batch=2)
     ours, _ = read_latents_file(out / "finish.safetensors")
+    ours = ours.torch()
     torch.testing.assert_close(ours, finish, rtol=0, atol=1e-5)  # across processes, as above
     first, second = (np.asarray(Image.open(out / f"picture-{i}.png")) for i in range(2))
     assert first.shape == (64, 64, 3) and not np.array_equal(first, second)
@@ -124,6 +127,7 @@ def test_sdxl_demo_spec_equals_diffusers_base_and_second_pair(cluster, models, t
     theirs = refiner(second.prompt, image=handoff, denoising_start=second.denoising_start,
                      generator=torch.Generator().manual_seed(spec.seed), **kw).images  # fmt: skip
     ours, _ = read_latents_file(tmp_path / "second.safetensors")
+    ours = ours.torch()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert (tmp_path / "picture.png").stat().st_size > 0
 

@@ -49,6 +49,7 @@ def test_a_two_stage_flux_job_equals_the_in_process_reference(cluster, tmp_path)
     detail = flux_window_reference(cluster.models["flux-b"], b.prompt, b.steps, b.guidance_scale, spec.seed, side,
                                    a.denoising_end, 1.0, layout)  # fmt: skip
     ours, meta = read_latents_file(tmp_path / "detail.safetensors")
+    ours = ours.torch()
     assert list(ours.shape) == [1, 16, 128, 128] and meta.space == "flux"
     torch.testing.assert_close(ours, detail, rtol=0, atol=1e-5)  # another process: thread effects only
     assert (tmp_path / "picture.png").exists()

@@ -173,6 +173,7 @@ outputs:
     from services.common.job_files import read_latents_file
 
     latents, meta = read_latents_file(tmp_path / "out" / "refine.safetensors")
+
     assert meta.space == "sdxl" and meta.noise.fraction == 1.0 and list(latents.shape) == [1, 4, 32, 32]
 
 

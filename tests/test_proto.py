@@ -32,7 +32,10 @@ def test_every_service_of_the_v1_api_is_defined():
         "Denoiser": ["Denoise", "Encode", "Decode", "ListModels", "InspectModel", "LoadModel", "UnloadModel"],
         "Interposer": ["Convert", "ListConversions"],
         "Processor": ["Process", "ListProcessors"],
-        "Gateway": ["Submit", "Run", "Watch", "Get", "Cancel", "List", "PutBlob", "GetBlob", "ListSchedulers"],
+        "Gateway": [
+            *("Submit", "Run", "Watch", "Get", "Cancel", "List", "PutBlob", "GetBlob", "ListSchedulers"),
+            *("ListModels", "ListProcessors", "ListWorkers"),
+        ],
     }
     assert denoiser_pb2.DESCRIPTOR.services_by_name["Denoiser"].methods_by_name["Denoise"].server_streaming
 

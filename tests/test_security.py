@@ -299,3 +299,10 @@ def test_the_cli_takes_ca_and_token_flags_and_says_a_refusal_in_one_line(cluster
     err = capsys.readouterr().err.strip()
     assert err.startswith("baton ls: UNAUTHENTICATED: ") and "\n" not in err, err
     assert main(["ls", *flags, "--token", TOKENS["alpha"]]) == 0
+
+
+def test_listing_workers_needs_the_admin_role_and_listing_models_does_not(cluster, pki):
+    with client(cluster, pki, "alpha") as alpha, client(cluster, pki, "ops") as ops:
+        assert code_of(alpha.list_workers) == grpc.StatusCode.PERMISSION_DENIED
+        assert "sd1-a" in {m.model.name for m in alpha.list_models()}
+        assert [w.kind for w in ops.list_workers()] == ["denoiser"]

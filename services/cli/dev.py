@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 
 FAMILIES = ("sd1", "sdxl", "sd3", "flux")
+# The model names the example specs use, and the tiny model each maps to: two of each family,
+# `a` and `b` built from different weight seeds so that a handoff really changes model.
+DEMO_ALIASES = {
+    "sd1-a": ("a", "sd1"),
+    "sd1-b": ("b", "sd1"),
+    "sdxl-base": ("a", "sdxl"),
+    "sdxl-second": ("b", "sdxl"),
+    "flux-a": ("a", "flux"),
+    "flux-b": ("b", "flux"),
+}
 
 
 def register(subparsers) -> None:
@@ -23,6 +33,15 @@ def register(subparsers) -> None:
     )
     tiny.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives the same bytes")
     tiny.set_defaults(func=run_tiny_models)
+    demo = tools.add_parser(
+        "demo-models",
+        help="build the tiny models the examples name and print the BATON_MODELS line for them",
+        description="Build (once) tiny random SD 1.x, SDXL and Flux pipelines under DIR/a and DIR/b and print the "
+        "BATON_MODELS value that maps the example specs' names (sd1-a, sdxl-base, flux-b, ...) to them: "
+        'export BATON_MODELS="$(baton dev demo-models models/tiny)" before `baton up`.',
+    )
+    demo.add_argument("dir", nargs="?", default="models/tiny", help="parent folder of the a/ and b/ sets")
+    demo.set_defaults(func=run_demo_models)
 
 
 def run_tiny_models(args: argparse.Namespace) -> int:
@@ -32,4 +51,17 @@ def run_tiny_models(args: argparse.Namespace) -> int:
 
     for family in args.family or FAMILIES:
         print(build(family, Path(args.dir) / family, size=args.size, seed=args.seed), flush=True)
+    return 0
+
+
+def run_demo_models(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    root = Path(args.dir).resolve()
+    for half, family in sorted(set(DEMO_ALIASES.values())):
+        if not (root / half / family / "model_index.json").is_file():
+            from services.devkit.tiny_models import build
+
+            build(family, root / half / family, seed=0 if half == "a" else 1)
+    print(",".join(f"{alias}={root / half / family}" for alias, (half, family) in DEMO_ALIASES.items()))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from services.common.config import parse_bool
-from services.common.credentials import ENV
+from services.common.credentials import DEFAULT_GATEWAY, ENV, gateway_address
 
 CREDENTIAL_FLAGS = (
     ("--ca", "ca", "PEM CA that signed the gateway's certificate (turns TLS on)"),
@@ -20,13 +20,11 @@ CREDENTIAL_FLAGS = (
 )
 
 
-def add_gateway(parser, required: bool = True) -> None:
-    default = os.environ.get("BATON_GATEWAY", "")
+def add_gateway(parser) -> None:
     parser.add_argument(
         "--gateway",
-        default=default or None,
-        required=required and not default,
-        help="gateway address host:port [env BATON_GATEWAY]",
+        default=gateway_address(),
+        help=f"gateway address host:port [env BATON_GATEWAY; `baton up` serves it at {DEFAULT_GATEWAY}]",
     )
     add_credentials(parser)
 

@@ -12,8 +12,8 @@ STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("ls", help="list jobs", description=__doc__)
-    p.add_argument("--state", choices=STATES)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--state", choices=STATES, help="only jobs in this state")
+    p.add_argument("--limit", type=int, default=50, help="at most this many jobs")
     add_gateway(p)
     p.set_defaults(func=run)
 
@@ -26,5 +26,6 @@ def run(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         for job in itertools.islice(client.list(state), args.limit):
             created = job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{job.id}  {job_state(job.state):<10} {created}  {job.spec.name}  {job.error}".rstrip())
+            where = f" #{job.queue_position}" if job.queue_position else ""
+            print(f"{job.id}  {job_state(job.state) + where:<10} {created}  {job.spec.name}  {job.error}".rstrip())
     return 0

@@ -25,7 +25,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from services.cli.outcome import require_server
     from services.devkit.cluster import ClusterError, LocalCluster
+
+    require_server()
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -31,10 +31,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.errors import BlobCorrupt, BlobNotFound, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.raw_tensor import TENSOR
 from services.common.redis_conn import Client
 from services.common.tensors import tensor_bytes, tensor_from_bytes
 
-TENSOR = "application/x-baton-tensor"
 OCTET = "application/octet-stream"
 DIGEST_PREFIX = "xxh3-128:"
 # The default key prefix of a store's blobs: <prefix>:blob:{N}.

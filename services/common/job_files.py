@@ -1,5 +1,9 @@
 """The files a job reads and writes on the client side: job specs, input images and latents,
-and outputs. Never unpickles: .pt/.pth files go through torch.load(weights_only=True)."""
+and outputs. Never unpickles: .pt/.pth files go through torch.load(weights_only=True).
+
+Torch-free: latents are RawTensors (bytes, dtype, shape), so the client and the CLI run without
+torch installed; only a .pt/.pth file needs torch, and says so when it is missing.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from google.protobuf import json_format
-from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2
 from services.common.errors import InvalidArgument, NotFound
+from services.common.raw_tensor import BY_CODE, RawTensor
 from services.common.spec_document import parse_spec
 
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
@@ -36,7 +37,6 @@ OUTPUT_FORMATS = {
 }
 # Where a latents file keeps its tensor, in order of preference.
 LATENT_KEYS = ("latents", "latent", "sample", "samples")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 _SCALING_NAMES = {pb.LATENT_SCALING_MODEL: "model", pb.LATENT_SCALING_RAW: "raw"}
 _META_PREFIX = "baton."  # safetensors metadata keys; a .pt file keeps the same fields under "baton"
@@ -79,6 +79,8 @@ def read_image_file(path: Path | str) -> tuple[bytes, str]:
     path = Path(path)
     if input_kind(path) != "image":
         raise InvalidArgument(f"{path}: expected an image file ({', '.join(IMAGE_TYPES)})")
+    from PIL import Image
+
     data = _read_bytes(path)
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -93,7 +95,7 @@ def read_image_file(path: Path | str) -> tuple[bytes, str]:
     return data, media_type
 
 
-def read_latents_file(path: Path | str) -> tuple[torch.Tensor, pb.LatentHandle]:
+def read_latents_file(path: Path | str) -> tuple[RawTensor, pb.LatentHandle]:
     """Latents [1, C, H, W] from a .pt/.pth/.safetensors file and a LatentHandle (blob unset).
 
     Baton metadata written by write_output is restored. A file without it is taken as finished
@@ -106,11 +108,13 @@ def read_latents_file(path: Path | str) -> tuple[torch.Tensor, pb.LatentHandle]:
         raise NotFound(f"{path}: no such file")
     meta: Mapping[str, Any]
     tensor, meta = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_torch(path)
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise InvalidArgument(f"{path}: latents are {tensor.dtype}; expected float32, float16, bfloat16 or float64")
-    if tensor.dim() == 3:
-        tensor = tensor.unsqueeze(0)
-    elif tensor.dim() != 4:
+    if not tensor.is_float:
+        raise InvalidArgument(
+            f"{path}: latents are {tensor.dtype_name}; expected float32, float16, bfloat16 or float64"
+        )
+    if len(tensor.shape) == 3:
+        tensor = tensor.reshape((1, *tensor.shape))
+    elif len(tensor.shape) != 4:
         raise InvalidArgument(f"{path}: latents have shape {list(tensor.shape)}; expected [C, H, W] or [B, C, H, W]")
     return tensor, _handle_from_meta(meta, path)
 
@@ -119,10 +123,12 @@ def write_output(
     path: Path | str,
     *,
     image_bytes: bytes | None = None,
-    latents: torch.Tensor | None = None,
+    latents: Any = None,
     handle: pb.LatentHandle | None = None,
+    png_text: Mapping[str, str] | None = None,
 ) -> Path:
-    """Writes a stage's image or latents in the format named by the file's extension."""
+    """Writes a stage's image or latents (a RawTensor, numpy array or torch tensor) in the format
+    named by the file's extension; a PNG also gets `png_text` as text chunks."""
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in OUTPUT_FORMATS:
@@ -139,22 +145,25 @@ def write_output(
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     if image_bytes is not None:
-        path.write_bytes(_encode_image(image_bytes, _PIL_FORMATS[fmt], path))
+        path.write_bytes(_encode_image(image_bytes, _PIL_FORMATS[fmt], path, png_text or {}))
         return path
-    assert latents is not None
-    tensor = latents.detach().cpu().contiguous()
+    tensor = RawTensor.of(latents)
     meta = _meta_from_handle(handle) if handle is not None else {}
     if fmt == "safetensors":
-        save_file({"latents": tensor}, str(path), metadata={_META_PREFIX + k: v for k, v in meta.items()})
+        _write_safetensors(path, tensor, {_META_PREFIX + k: v for k, v in meta.items()})
     else:
-        torch.save({"latents": tensor, "baton": meta} if meta else {"latents": tensor}, path)
+        torch = _torch_for(path)
+        latents = tensor.torch()
+        torch.save({"latents": latents, "baton": meta} if meta else {"latents": latents}, path)
     return path
 
 
-def _encode_image(data: bytes, fmt: str, path: Path) -> bytes:
+def _encode_image(data: bytes, fmt: str, path: Path, text: Mapping[str, str]) -> bytes:
+    from PIL import Image, PngImagePlugin
+
     try:
         img: Image.Image = Image.open(io.BytesIO(data))
-        if img.format == fmt:
+        if img.format == fmt and not (fmt == "PNG" and text):
             return data  # already in the format asked for: re-encoding would only lose quality
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -164,9 +173,14 @@ def _encode_image(data: bytes, fmt: str, path: Path) -> bytes:
         img = img.convert("RGB")  # JPEG has no alpha and no palette
     elif fmt == "WEBP" or img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
         img = img.convert("RGBA" if has_alpha else "RGB")
+    # Outputs are final images: keep lossy formats close to the source (PNG is lossless anyway).
+    options: dict[str, Any] = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    if fmt == "PNG" and text:
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            options["pnginfo"].add_text(key, value)  # latin-1 as tEXt, anything else as UTF-8 iTXt
     out = io.BytesIO()
-    # Outputs are final images: keep lossy formats close to the source.
-    img.save(out, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    img.save(out, format=fmt, **options)
     return out.getvalue()
 
 
@@ -179,18 +193,48 @@ def _read_bytes(path: Path) -> bytes:
         raise InvalidArgument(f"{path}: cannot read: {e}") from e
 
 
-def _read_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
+def _read_safetensors(path: Path) -> tuple[RawTensor, dict[str, str]]:
+    # safetensors' raw form, not its numpy one: numpy has no bfloat16.
+    from safetensors import SafetensorError, deserialize, safe_open
+
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="numpy") as f:
             key = _pick_key(list(f.keys()), path)
             meta = f.metadata() or {}
-            tensor = f.get_tensor(key)
+        entry = dict(deserialize(_read_bytes(path)))[key]
+        if entry["dtype"] not in BY_CODE:
+            raise InvalidArgument(f"{path}: the {key!r} entry is {entry['dtype']}, which Baton does not read")
+        tensor = RawTensor(bytes(entry["data"]), BY_CODE[entry["dtype"]], tuple(entry["shape"]))
     except SafetensorError as e:
         raise InvalidArgument(f"{path}: not a readable safetensors file: {e}") from e
     return tensor, {k.removeprefix(_META_PREFIX): v for k, v in meta.items() if k.startswith(_META_PREFIX)}
 
 
-def _read_torch(path: Path) -> tuple[torch.Tensor, Mapping[str, Any]]:
+def _write_safetensors(path: Path, tensor: RawTensor, metadata: dict[str, str]) -> None:
+    import numpy as np
+    from safetensors import TensorSpec, serialize_file
+
+    buffer = np.frombuffer(tensor.data, dtype=np.uint8)  # kept alive across the call, as serialize asks
+    spec = TensorSpec(
+        dtype=tensor.dtype_name, shape=list(tensor.shape), data_ptr=buffer.ctypes.data, data_len=buffer.nbytes
+    )
+    serialize_file({"latents": spec}, str(path), metadata=metadata)
+
+
+def _torch_for(path: Path) -> Any:
+    """torch, for a .pt/.pth file; a clear refusal where the client runs without it."""
+    try:
+        import torch
+    except ImportError:
+        raise InvalidArgument(
+            f"{path}: .pt/.pth files need torch (pip install torch==2.13.0 or the 'server' extra); "
+            "or use .safetensors, which the client reads and writes without it"
+        ) from None
+    return torch
+
+
+def _read_torch(path: Path) -> tuple[RawTensor, Mapping[str, Any]]:
+    torch = _torch_for(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -203,14 +247,14 @@ def _read_torch(path: Path) -> tuple[torch.Tensor, Mapping[str, Any]]:
     except (RuntimeError, OSError, EOFError) as e:
         raise InvalidArgument(f"{path}: not a readable torch file: {e}") from e
     if isinstance(obj, torch.Tensor):
-        return obj, {}
+        return RawTensor.of(obj), {}
     if not isinstance(obj, dict):
         raise InvalidArgument(f"{path}: holds a {type(obj).__name__}; expected a tensor or a dict of one tensor")
     meta = obj.pop("baton") if isinstance(obj.get("baton"), dict) else {}
     tensor = obj[_pick_key(list(obj), path)]
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgument(f"{path}: the latents entry is a {type(tensor).__name__}, not a tensor")
-    return tensor, meta
+    return RawTensor.of(tensor), meta
 
 
 def _pick_key(keys: list[Any], path: Path) -> Any:

@@ -10,6 +10,7 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -88,6 +89,15 @@ def parse_spec(text: str, source: str, fmt: str) -> jobs_pb2.JobSpec:
         return json_format.ParseDict(data, jobs_pb2.JobSpec())
     except json_format.ParseError as e:
         raise check.located(e) from e
+
+
+def check_value(value: Any, field: FieldDescriptor, path: str) -> Any:
+    """One field's value, plain data as from JSON or YAML, checked and converted as a spec file's
+    would be; None where it leaves the field unset (null; -1 for a seed). Errors say `<path>: <what>`."""
+    if value is None:
+        return None
+    checked = _ValueCheck(path).field(_plain_node(value), field, Place(path))
+    return None if checked is _UNSET else checked
 
 
 def read_yaml(text: str, source: str) -> Node:
@@ -318,6 +328,22 @@ class _SpecCheck:
             return InvalidArgument(f"{self.source}: {error}")
         node, place = self.seen[path]
         return self.fail(node, place, str(error))
+
+
+class _ValueCheck(_SpecCheck):
+    """The spec file's checks of one value that has no file: errors name its path, not a line."""
+
+    def fail(self, node: Node, place: Place, what: str) -> InvalidArgument:
+        return InvalidArgument(f"{place.path}: {what}")
+
+
+def _plain_node(value: Any) -> Node:
+    """Plain data as nodes, so that _SpecCheck can check it; every node is at 1:1."""
+    if isinstance(value, Mapping):
+        return Node(MAPPING, [(_plain_node(k), _plain_node(v)) for k, v in value.items()], "", 1, 1)
+    if isinstance(value, list | tuple):
+        return Node(SEQUENCE, [_plain_node(v) for v in value], "", 1, 1)
+    return Node(SCALAR, value, value if isinstance(value, str) else json.dumps(value), 1, 1)
 
 
 def _field_named(desc: Descriptor, name: Any) -> FieldDescriptor | None:

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.errors import BlobCorrupt, FailedPrecondition, InvalidArgument
+from services.common.raw_tensor import DTYPES, dtype_info
 
-if sys.byteorder != "little":  # the wire format is little-endian; so is every machine we run on
-    raise ImportError("Baton's tensor codec needs a little-endian machine")
-
-TO_PROTO: dict[torch.dtype, pb.DType] = {
-    torch.float32: pb.DTYPE_FLOAT32,
-    torch.float16: pb.DTYPE_FLOAT16,
-    torch.bfloat16: pb.DTYPE_BFLOAT16,
-    torch.float64: pb.DTYPE_FLOAT64,
-    torch.uint8: pb.DTYPE_UINT8,
-    torch.int8: pb.DTYPE_INT8,
-    torch.int16: pb.DTYPE_INT16,
-    torch.int32: pb.DTYPE_INT32,
-    torch.int64: pb.DTYPE_INT64,
-    torch.bool: pb.DTYPE_BOOL,
-}
+# The torch types of Baton's wire dtypes (raw_tensor.DTYPES names them as torch does).
+TO_PROTO: dict[torch.dtype, pb.DType] = {getattr(torch, info.name): dtype for dtype, info in DTYPES.items()}
 FROM_PROTO: dict[int, torch.dtype] = {v: k for k, v in TO_PROTO.items()}
 
 
 def itemsize(dtype: int) -> int:
-    return torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    return dtype_info(dtype).itemsize
 
 
 def torch_dtype(dtype: int) -> torch.dtype:

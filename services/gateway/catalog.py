@@ -1,4 +1,5 @@
-"""ModelCatalog: what each model is, for the planner, without loading it."""
+"""ModelCatalog: what each model and processor is, for the planner and the discovery RPCs,
+without loading anything."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import grpc
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc, processor_pb2_grpc
+from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import processor_pb2 as ppb
 from services.common.errors import BatonError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.workers import Worker, WorkerPool
+from services.gateway.discovery import cluster_models
 
 # A lookup never waits longer than this, whatever the caller's deadline.
 LOOKUP_S = 60.0
@@ -87,6 +90,19 @@ class ModelCatalog:
         infos = {p.name: p for p in reply.processors}
         self._processors = (time.monotonic(), infos)
         return infos
+
+    async def processor_list(self, deadline: float) -> list[ppb.ProcessorInfo]:
+        """What `processors` finds, for ListProcessors: Unavailable when no processor worker
+        answers, since an empty list would read as "there are no processors"."""
+        infos = await self.processors(deadline)
+        if not infos:
+            why = "none answered" if await self.pool.workers("processor") else "none is registered"
+            raise Unavailable(f"no processor worker to list the processors: {why}")
+        return list(infos.values())
+
+    async def models(self) -> list[gpb.ClusterModel]:
+        """Every model the accepting denoisers' records name, with where each stands best."""
+        return cluster_models(w.info for w in await self.pool.workers("denoiser") if w.info is not None)
 
     async def resolve_all(self, names: set[str], deadline: float) -> dict[str, dpb.ModelInfo | BatonError]:
         """Each name's info, or the error to report at the stage that names it."""

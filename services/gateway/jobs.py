@@ -14,19 +14,22 @@ script below touches one job's keys only):
   <p>:queue               sorted set of jobs waiting for a gateway, by submission time: every
                           replica takes from it, oldest first
   <p>:queue:deadlines     the same jobs by deadline, so an expired queued job is found cheaply
-  <p>:idem:{key}          idempotency key -> job id
+  <p>:idem:{tenant/key}   idempotency key -> "<job id> <spec fingerprint>" (just the job id when
+                          written before fingerprints: it matches any spec)
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
-from services.common.errors import NotFound
+from services.common.errors import MAX_NAME_BYTES, FailedPrecondition, NotFound, elide
 
 TERMINAL = frozenset({jpb.JOB_STATE_SUCCEEDED, jpb.JOB_STATE_FAILED, jpb.JOB_STATE_CANCELLED})
 STREAM_MAXLEN = 100_000
@@ -82,6 +85,37 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def spec_fingerprint(spec: jpb.JobSpec) -> str:
+    """sha256 (hex) of `spec` as the client sent it, each input blob that carries a digest named
+    by its digest and what it holds (media type, dtype, shape), not by its key and generation.
+
+    Why: a reused idempotency key must mean the same request, and a client that retries after
+    uploading the same input again gets a new key for the same bytes. Taken before the gateway
+    draws a missing seed, so a retry without one still matches; serialized deterministically, so
+    map fields (scheduler_config) hash the same in any order."""
+    sent = jpb.JobSpec()
+    sent.CopyFrom(spec)
+    for item in sent.inputs:
+        for blob in _input_blobs(item):
+            for name in ("key", "generation", "byte_size", "chunk_bytes", "expires_at"):
+                blob.ClearField(name)
+    return hashlib.sha256(sent.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _input_blobs(item: jpb.InputSpec) -> list[pb.BlobHandle]:
+    """The input's blob handles that carry a digest (an image, latents and their scheduler state)."""
+    source = item.WhichOneof("source")
+    if source == "blob":
+        blobs = [item.blob]
+    elif source == "latents":
+        latents = item.latents
+        has_state = latents.HasField("scheduler") and latents.scheduler.HasField("state")
+        blobs = [latents.blob] + ([latents.scheduler.state] if has_state else [])
+    else:
+        return []
+    return [b for b in blobs if b.digest]
+
+
 def deadline_of(job: jpb.Job, default_timeout_s: float) -> float:
     """The job's deadline as a time.time()."""
     return job.created_at.ToNanoseconds() / 1e9 + (job.spec.timeout_s or default_timeout_s)
@@ -119,13 +153,26 @@ class JobStore:
         return int(self.retention_s * 1000)
 
     # -- records ---------------------------------------------------------------------------
-    async def create(self, job: jpb.Job, idempotency_key: str, deadline: float) -> tuple[jpb.Job, bool]:
-        """Records and queues `job`, or returns the job an earlier Submit with the same key made."""
+    async def create(
+        self, job: jpb.Job, idempotency_key: str, deadline: float, fingerprint: str = ""
+    ) -> tuple[jpb.Job, bool]:
+        """Records and queues `job`, or returns the job an earlier Submit with the same key and
+        spec (`fingerprint`, see spec_fingerprint) made; the same key with another spec is
+        FailedPrecondition."""
         if idempotency_key:
             # Per tenant: one tenant's key neither finds nor blocks another's job.
             idem = f"{self.prefix}:idem:{{{job.tenant}/{idempotency_key}}}"
-            if not await self.redis.set(idem, job.id, nx=True, px=self._ttl_ms()):
-                return await self.get(_text(await self.redis.get(idem))), False
+            record = f"{job.id} {fingerprint}".rstrip()
+            if not await self.redis.set(idem, record, nx=True, px=self._ttl_ms()):
+                earlier, _, earlier_print = _text(await self.redis.get(idem)).partition(" ")
+                # A record of only a job id predates fingerprints (a rolling upgrade): it matches any spec.
+                if earlier_print and fingerprint and earlier_print != fingerprint:
+                    raise FailedPrecondition(
+                        f"idempotency key {elide(idempotency_key, MAX_NAME_BYTES)!r} was used for another spec "
+                        f"(job {earlier}); use a new key, or send the same spec to get that job",
+                        field="idempotency_key",
+                    )
+                return await self.get(earlier), False
         job.state = jpb.JOB_STATE_QUEUED
         job.created_at.CopyFrom(now_ts())
         job.expires_at.CopyFrom(Timestamp(seconds=job.created_at.seconds + int(self.retention_s)))

@@ -46,6 +46,7 @@ from services.gateway.jobs import (
     JobStore,
     deadline_of,
     now_ts,
+    spec_fingerprint,
 )
 from services.gateway.planner import WORKER_FOR, Plan, Planner, referenced_models, uses_processors
 from services.gateway.stages import RUNNERS, StageCall, StageResult, process
@@ -161,6 +162,7 @@ class Orchestrator:
     async def submit(
         self, spec: jpb.JobSpec, idempotency_key: str = "", deadline: float | None = None, caller: Identity = OPEN
     ) -> jpb.Job:
+        fingerprint = spec_fingerprint(spec) if idempotency_key else ""  # the spec as sent, before its seed
         if not spec.HasField("seed"):
             # Recorded in the job, so that every attempt of a stage draws the same noise.
             spec.seed = secrets.randbits(63)
@@ -170,7 +172,7 @@ class Orchestrator:
         for name in plan.order:
             job.stages.add(name=name, kind=plan.stages[name].kind, state=jpb.STAGE_STATE_PENDING)
         job.created_at.CopyFrom(now_ts())
-        job, created = await self.jobs.create(job, idempotency_key, deadline_of(job, self.job_timeout_s))
+        job, created = await self.jobs.create(job, idempotency_key, deadline_of(job, self.job_timeout_s), fingerprint)
         if created:
             self.dispatcher.wake()
         return await self.with_position(job)

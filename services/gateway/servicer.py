@@ -8,7 +8,8 @@ import time
 from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.api.baton.v1 import jobs_pb2 as jpb
-from services.common.auth import caller
+from services.common.api.baton.v1 import processor_pb2 as ppb
+from services.common.auth import ADMIN, caller, requires
 from services.common.blobs import OCTET, BlobStore
 from services.common.errors import InvalidArgument
 from services.common.rules.blobs import (
@@ -19,6 +20,7 @@ from services.common.rules.blobs import (
 from services.common.rules.scheduler import SUPPORTED
 from services.common.scheduler_caps import capabilities
 from services.common.scheduler_options import OPTIONS
+from services.gateway.discovery import registered_workers
 from services.gateway.jobs import TERMINAL, JobStore
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.tenancy import check_blob_key, visible
@@ -120,6 +122,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
             )
         return gpb.ListSchedulersResponse(schedulers=infos)
+
+    async def ListModels(self, request, context):
+        return gpb.ListClusterModelsResponse(models=await self.orchestrator.catalog.models())
+
+    async def ListProcessors(self, request, context):
+        processors = await self.orchestrator.catalog.processor_list(_deadline(context) or time.time() + 60)
+        return ppb.ListProcessorsResponse(processors=processors)
+
+    @requires(ADMIN)  # worker addresses are the cluster's inside
+    async def ListWorkers(self, request, context):
+        return gpb.ListWorkersResponse(workers=await registered_workers(self.orchestrator.pool))
 
     async def GetBlob(self, request, context):
         # Checked before any read: a forged size or chunking must cost a refusal, not a read.

@@ -22,39 +22,52 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from services.common.api.baton.v1 import denoiser_pb2 as baton_dot_v1_dot_denoiser__pb2
 from services.common.api.baton.v1 import handles_pb2 as baton_dot_v1_dot_handles__pb2
 from services.common.api.baton.v1 import jobs_pb2 as baton_dot_v1_dot_jobs__pb2
+from services.common.api.baton.v1 import processor_pb2 as baton_dot_v1_dot_processor__pb2
+from services.common.api.baton.v1 import workers_pb2 as baton_dot_v1_dot_workers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61ton/v1/gateway.proto\x12\x08\x62\x61ton.v1\x1a\x16\x62\x61ton/v1/handles.proto\x1a\x13\x62\x61ton/v1/jobs.proto\"\x17\n\x15ListSchedulersRequest\"^\n\rSchedulerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x0b\n\x03why\x18\x03 \x01(\t\x12\x12\n\nstochastic\x18\x04 \x01(\x08\x12\x0f\n\x07options\x18\x05 \x03(\t\"E\n\x16ListSchedulersResponse\x12+\n\nschedulers\x18\x01 \x03(\x0b\x32\x17.baton.v1.SchedulerInfo\"I\n\rSubmitRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.baton.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"6\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x0fListJobsRequest\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.baton.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"H\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.baton.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\tBlobChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.baton.v1.BlobHandleH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"I\n\x0eGetBlobRequest\x12\"\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x14.baton.v1.BlobHandle\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\x32\x94\x04\n\x07Gateway\x12\x30\n\x06Submit\x12\x17.baton.v1.SubmitRequest\x1a\r.baton.v1.Job\x12\x34\n\x03Run\x12\x17.baton.v1.SubmitRequest\x1a\x12.baton.v1.JobEvent0\x01\x12\x35\n\x05Watch\x12\x16.baton.v1.WatchRequest\x1a\x12.baton.v1.JobEvent0\x01\x12-\n\x03Get\x12\x17.baton.v1.GetJobRequest\x1a\r.baton.v1.Job\x12\x33\n\x06\x43\x61ncel\x12\x1a.baton.v1.CancelJobRequest\x1a\r.baton.v1.Job\x12=\n\x04List\x12\x19.baton.v1.ListJobsRequest\x1a\x1a.baton.v1.ListJobsResponse\x12\x36\n\x07PutBlob\x12\x13.baton.v1.BlobChunk\x1a\x14.baton.v1.BlobHandle(\x01\x12:\n\x07GetBlob\x12\x18.baton.v1.GetBlobRequest\x1a\x13.baton.v1.BlobChunk0\x01\x12S\n\x0eListSchedulers\x12\x1f.baton.v1.ListSchedulersRequest\x1a .baton.v1.ListSchedulersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61ton/v1/gateway.proto\x12\x08\x62\x61ton.v1\x1a\x17\x62\x61ton/v1/denoiser.proto\x1a\x16\x62\x61ton/v1/handles.proto\x1a\x13\x62\x61ton/v1/jobs.proto\x1a\x18\x62\x61ton/v1/processor.proto\x1a\x16\x62\x61ton/v1/workers.proto\"\x1a\n\x18ListClusterModelsRequest\"C\n\x0c\x43lusterModel\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.baton.v1.ModelInfo\x12\x0f\n\x07workers\x18\x02 \x03(\t\"C\n\x19ListClusterModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.baton.v1.ClusterModel\"\x14\n\x12ListWorkersRequest\"<\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.baton.v1.WorkerInfo\"\x17\n\x15ListSchedulersRequest\"^\n\rSchedulerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x0b\n\x03why\x18\x03 \x01(\t\x12\x12\n\nstochastic\x18\x04 \x01(\x08\x12\x0f\n\x07options\x18\x05 \x03(\t\"E\n\x16ListSchedulersResponse\x12+\n\nschedulers\x18\x01 \x03(\x0b\x32\x17.baton.v1.SchedulerInfo\"I\n\rSubmitRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.baton.v1.JobSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"6\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x0fListJobsRequest\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.baton.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"H\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.baton.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\tBlobChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.baton.v1.BlobHandleH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"I\n\x0eGetBlobRequest\x12\"\n\x04\x62lob\x18\x01 \x01(\x0b\x32\x14.baton.v1.BlobHandle\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\x32\x8c\x06\n\x07Gateway\x12\x30\n\x06Submit\x12\x17.baton.v1.SubmitRequest\x1a\r.baton.v1.Job\x12\x34\n\x03Run\x12\x17.baton.v1.SubmitRequest\x1a\x12.baton.v1.JobEvent0\x01\x12\x35\n\x05Watch\x12\x16.baton.v1.WatchRequest\x1a\x12.baton.v1.JobEvent0\x01\x12-\n\x03Get\x12\x17.baton.v1.GetJobRequest\x1a\r.baton.v1.Job\x12\x33\n\x06\x43\x61ncel\x12\x1a.baton.v1.CancelJobRequest\x1a\r.baton.v1.Job\x12=\n\x04List\x12\x19.baton.v1.ListJobsRequest\x1a\x1a.baton.v1.ListJobsResponse\x12\x36\n\x07PutBlob\x12\x13.baton.v1.BlobChunk\x1a\x14.baton.v1.BlobHandle(\x01\x12:\n\x07GetBlob\x12\x18.baton.v1.GetBlobRequest\x1a\x13.baton.v1.BlobChunk0\x01\x12S\n\x0eListSchedulers\x12\x1f.baton.v1.ListSchedulersRequest\x1a .baton.v1.ListSchedulersResponse\x12U\n\nListModels\x12\".baton.v1.ListClusterModelsRequest\x1a#.baton.v1.ListClusterModelsResponse\x12S\n\x0eListProcessors\x12\x1f.baton.v1.ListProcessorsRequest\x1a .baton.v1.ListProcessorsResponse\x12J\n\x0bListWorkers\x12\x1c.baton.v1.ListWorkersRequest\x1a\x1d.baton.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTSCHEDULERSREQUEST']._serialized_start=81
-  _globals['_LISTSCHEDULERSREQUEST']._serialized_end=104
-  _globals['_SCHEDULERINFO']._serialized_start=106
-  _globals['_SCHEDULERINFO']._serialized_end=200
-  _globals['_LISTSCHEDULERSRESPONSE']._serialized_start=202
-  _globals['_LISTSCHEDULERSRESPONSE']._serialized_end=271
-  _globals['_SUBMITREQUEST']._serialized_start=273
-  _globals['_SUBMITREQUEST']._serialized_end=346
-  _globals['_WATCHREQUEST']._serialized_start=348
-  _globals['_WATCHREQUEST']._serialized_end=402
-  _globals['_GETJOBREQUEST']._serialized_start=404
-  _globals['_GETJOBREQUEST']._serialized_end=435
-  _globals['_CANCELJOBREQUEST']._serialized_start=437
-  _globals['_CANCELJOBREQUEST']._serialized_end=487
-  _globals['_LISTJOBSREQUEST']._serialized_start=489
-  _globals['_LISTJOBSREQUEST']._serialized_end=580
-  _globals['_LISTJOBSRESPONSE']._serialized_start=582
-  _globals['_LISTJOBSRESPONSE']._serialized_end=654
-  _globals['_BLOBCHUNK']._serialized_start=656
-  _globals['_BLOBCHUNK']._serialized_end=731
-  _globals['_GETBLOBREQUEST']._serialized_start=733
-  _globals['_GETBLOBREQUEST']._serialized_end=806
-  _globals['_GATEWAY']._serialized_start=809
-  _globals['_GATEWAY']._serialized_end=1341
+  _globals['_LISTCLUSTERMODELSREQUEST']._serialized_start=156
+  _globals['_LISTCLUSTERMODELSREQUEST']._serialized_end=182
+  _globals['_CLUSTERMODEL']._serialized_start=184
+  _globals['_CLUSTERMODEL']._serialized_end=251
+  _globals['_LISTCLUSTERMODELSRESPONSE']._serialized_start=253
+  _globals['_LISTCLUSTERMODELSRESPONSE']._serialized_end=320
+  _globals['_LISTWORKERSREQUEST']._serialized_start=322
+  _globals['_LISTWORKERSREQUEST']._serialized_end=342
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=344
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=404
+  _globals['_LISTSCHEDULERSREQUEST']._serialized_start=406
+  _globals['_LISTSCHEDULERSREQUEST']._serialized_end=429
+  _globals['_SCHEDULERINFO']._serialized_start=431
+  _globals['_SCHEDULERINFO']._serialized_end=525
+  _globals['_LISTSCHEDULERSRESPONSE']._serialized_start=527
+  _globals['_LISTSCHEDULERSRESPONSE']._serialized_end=596
+  _globals['_SUBMITREQUEST']._serialized_start=598
+  _globals['_SUBMITREQUEST']._serialized_end=671
+  _globals['_WATCHREQUEST']._serialized_start=673
+  _globals['_WATCHREQUEST']._serialized_end=727
+  _globals['_GETJOBREQUEST']._serialized_start=729
+  _globals['_GETJOBREQUEST']._serialized_end=760
+  _globals['_CANCELJOBREQUEST']._serialized_start=762
+  _globals['_CANCELJOBREQUEST']._serialized_end=812
+  _globals['_LISTJOBSREQUEST']._serialized_start=814
+  _globals['_LISTJOBSREQUEST']._serialized_end=905
+  _globals['_LISTJOBSRESPONSE']._serialized_start=907
+  _globals['_LISTJOBSRESPONSE']._serialized_end=979
+  _globals['_BLOBCHUNK']._serialized_start=981
+  _globals['_BLOBCHUNK']._serialized_end=1056
+  _globals['_GETBLOBREQUEST']._serialized_start=1058
+  _globals['_GETBLOBREQUEST']._serialized_end=1131
+  _globals['_GATEWAY']._serialized_start=1134
+  _globals['_GATEWAY']._serialized_end=1914
 # @@protoc_insertion_point(module_scope)

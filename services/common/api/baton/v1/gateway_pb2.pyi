@@ -1,5 +1,8 @@
+from services.common.api.baton.v1 import denoiser_pb2 as _denoiser_pb2
 from services.common.api.baton.v1 import handles_pb2 as _handles_pb2
 from services.common.api.baton.v1 import jobs_pb2 as _jobs_pb2
+from services.common.api.baton.v1 import processor_pb2 as _processor_pb2
+from services.common.api.baton.v1 import workers_pb2 as _workers_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,6 +10,34 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ListClusterModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClusterModel(_message.Message):
+    __slots__ = ("model", "workers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    model: _denoiser_pb2.ModelInfo
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[_denoiser_pb2.ModelInfo, _Mapping]] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListClusterModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ClusterModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[ClusterModel, _Mapping]]] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[_workers_pb2.WorkerInfo]
+    def __init__(self, workers: _Optional[_Iterable[_Union[_workers_pb2.WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class ListSchedulersRequest(_message.Message):
     __slots__ = ()

@@ -6,6 +6,7 @@ import warnings
 from services.common.api.baton.v1 import gateway_pb2 as baton_dot_v1_dot_gateway__pb2
 from services.common.api.baton.v1 import handles_pb2 as baton_dot_v1_dot_handles__pb2
 from services.common.api.baton.v1 import jobs_pb2 as baton_dot_v1_dot_jobs__pb2
+from services.common.api.baton.v1 import processor_pb2 as baton_dot_v1_dot_processor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -81,6 +82,21 @@ class GatewayStub:
                 request_serializer=baton_dot_v1_dot_gateway__pb2.ListSchedulersRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_gateway__pb2.ListSchedulersResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/baton.v1.Gateway/ListModels',
+                request_serializer=baton_dot_v1_dot_gateway__pb2.ListClusterModelsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_gateway__pb2.ListClusterModelsResponse.FromString,
+                _registered_method=True)
+        self.ListProcessors = channel.unary_unary(
+                '/baton.v1.Gateway/ListProcessors',
+                request_serializer=baton_dot_v1_dot_processor__pb2.ListProcessorsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_processor__pb2.ListProcessorsResponse.FromString,
+                _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/baton.v1.Gateway/ListWorkers',
+                request_serializer=baton_dot_v1_dot_gateway__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_gateway__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -147,6 +163,29 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model the accepting denoisers hold or can load by name, from their registry records.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProcessors(self, request, context):
+        """The latents processors a processor worker declares, with their arguments; UNAVAILABLE
+        when no processor worker answers (an empty list would read as "there are none").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkers(self, request, context):
+        """The registered workers of every kind, draining ones included. Admin only: worker
+        addresses are the cluster's inside.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +233,21 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListSchedulers,
                     request_deserializer=baton_dot_v1_dot_gateway__pb2.ListSchedulersRequest.FromString,
                     response_serializer=baton_dot_v1_dot_gateway__pb2.ListSchedulersResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=baton_dot_v1_dot_gateway__pb2.ListClusterModelsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_gateway__pb2.ListClusterModelsResponse.SerializeToString,
+            ),
+            'ListProcessors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcessors,
+                    request_deserializer=baton_dot_v1_dot_processor__pb2.ListProcessorsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_processor__pb2.ListProcessorsResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=baton_dot_v1_dot_gateway__pb2.ListWorkersRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_gateway__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +493,87 @@ class Gateway:
             '/baton.v1.Gateway/ListSchedulers',
             baton_dot_v1_dot_gateway__pb2.ListSchedulersRequest.SerializeToString,
             baton_dot_v1_dot_gateway__pb2.ListSchedulersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Gateway/ListModels',
+            baton_dot_v1_dot_gateway__pb2.ListClusterModelsRequest.SerializeToString,
+            baton_dot_v1_dot_gateway__pb2.ListClusterModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcessors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Gateway/ListProcessors',
+            baton_dot_v1_dot_processor__pb2.ListProcessorsRequest.SerializeToString,
+            baton_dot_v1_dot_processor__pb2.ListProcessorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Gateway/ListWorkers',
+            baton_dot_v1_dot_gateway__pb2.ListWorkersRequest.SerializeToString,
+            baton_dot_v1_dot_gateway__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
