@@ -115,7 +115,9 @@ def test_a_running_stage_without_steps_is_preparing_on_a_terminal():
 def test_without_a_terminal_there_are_plain_lines_and_no_carriage_returns():
     text = shown(a_20_step_stage_over_19_7_s())
     assert "\r" not in text and "\x1b" not in text
-    assert len(text.splitlines()) == 3  # running on, done, the job's end
+    lines = text.splitlines()  # running on, a line each quarter of the steps, done, the job's end
+    assert len(lines) == 6, lines
+    assert lines[1:4] == [f"stage base step {n}/20, 1.02 steps/s" for n in (5, 10, 15)]
 
 
 def test_closing_twice_draws_the_bars_once():

@@ -65,6 +65,15 @@ class StageClock:
         self.last_step = (progress.step, t)
         self.latest = t
 
+    def quarter(self) -> int:
+        """How many quarters of its steps the stage has done (0-4)."""
+        s = self.status
+        return 4 * s.step // s.total if s.total > 0 and self.stepped else 0
+
+    def step_line(self) -> str:
+        rate = self.rate()
+        return f"step {self.status.step}/{self.status.total}" + (f", {rate:.2f} steps/s" if rate else "")
+
     @property
     def stepped(self) -> bool:
         return self.last_step is not None
@@ -187,7 +196,10 @@ class JobProgress:
         elif kind == "progress":
             self._running()
             clock = self._clock(event.progress.stage)
+            quarter = clock.quarter()
             clock.on_step(event.progress, t)
+            if self.lines and 0 < clock.quarter() < 4 and clock.quarter() != quarter:
+                self._say(f"stage {clock.name} {clock.step_line()}")  # a long stage is not silent in a log
             self._draw(clock)
 
     # -- job -------------------------------------------------------------------------------
