@@ -79,17 +79,46 @@ def test_container_and_probe_ports_are_the_services_defaults(rendered):
         assert ports == {"grpc": defaults["BATON_PORT"], "metrics": defaults["BATON_METRICS_PORT"]}, service
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env.get("BATON_PORT") == str(defaults["BATON_PORT"])
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            if env.get("BATON_TLS_CERT"):
-                # kubelet's gRPC probe speaks plaintext only: over TLS, `baton health` checks
-                # 127.0.0.1:$BATON_PORT with the container's cluster credentials.
-                assert "grpc" not in c[probe], (service, probe)
-                assert c[probe]["exec"]["command"] == ["baton", "health"], (service, probe)
-                assert c[probe]["timeoutSeconds"] >= 5, (service, probe)
-            else:
-                assert c[probe]["grpc"]["port"] == defaults["BATON_PORT"], (service, probe)
+        assert env.get("BATON_METRICS_PORT") == str(defaults["BATON_METRICS_PORT"])
+        readiness = c["readinessProbe"]
+        if env.get("BATON_TLS_CERT"):
+            # kubelet's gRPC probe speaks plaintext only: over TLS, `baton health` checks
+            # 127.0.0.1:$BATON_PORT with the container's cluster credentials.
+            assert "grpc" not in readiness, service
+            assert readiness["exec"]["command"] == ["baton", "health"], service
+            assert readiness["timeoutSeconds"] >= 5, service
+        else:
+            assert readiness["grpc"]["port"] == defaults["BATON_PORT"], service
         seen.add(service)
     assert seen == set(SERVICES)
+
+
+def http_probe(c: dict, probe: str) -> tuple[str, int]:
+    """(path, port number) of a container's httpGet probe; a named port resolves to its number."""
+    get = c[probe]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    return get["path"], ports.get(get["port"], get["port"])
+
+
+def test_liveness_is_livez_on_the_metrics_port_for_every_service(rendered):
+    # Not gRPC health: that is NOT_SERVING while a service drains or Redis is away, and a
+    # liveness probe that fails then restarts a pod in the middle of its drain.
+    _, docs = rendered
+    for service, c in containers(docs):
+        assert not {"grpc", "exec", "tcpSocket"} & set(c["livenessProbe"]), service
+        assert http_probe(c, "livenessProbe") == ("/livez", settings_of(service)["BATON_METRICS_PORT"]), service
+        assert c["livenessProbe"]["httpGet"].get("scheme", "HTTP") == "HTTP", service  # the metrics port is plain
+
+
+def test_startup_waits_for_readyz_long_enough_for_a_denoiser_to_load_its_models(rendered):
+    # kubelet checks neither liveness nor readiness until the startup probe succeeds, and
+    # restarts the container when it has failed failureThreshold times in a row.
+    _, docs = rendered
+    for service, c in containers(docs):
+        startup = c["startupProbe"]
+        assert http_probe(c, "startupProbe") == ("/readyz", settings_of(service)["BATON_METRICS_PORT"]), service
+        allowed_s = startup["periodSeconds"] * startup["failureThreshold"]
+        assert allowed_s >= (600 if service == "denoiser" else 300), (service, allowed_s)
 
 
 def test_every_baton_variable_in_the_manifests_is_a_real_setting(rendered):
@@ -136,8 +165,12 @@ def test_the_gpu_overlay_gives_denoisers_gpus_and_autoscaling(overlay):
     docs = render(overlay)
     denoisers = [c for s, c in containers(docs) if s == "denoiser"]
     assert len(denoisers) == 2 and all(c["resources"]["limits"]["nvidia.com/gpu"] == 1 for c in denoisers)
-    assert {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"} == {
-        "baton-denoiser", "baton-denoiser-flux"}  # fmt: skip
+    autoscalers = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert {d["spec"]["scaleTargetRef"]["name"] for d in autoscalers} == {"baton-denoiser", "baton-denoiser-flux"}
+    for hpa in autoscalers:  # on windows, per pod, not on gRPC calls (health checks are calls too)
+        metrics = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+        assert metrics == {"baton_denoise_windows_in_flight", "baton_denoise_windows_queued"}, hpa["metadata"]
+        assert len(hpa["spec"]["metrics"]) == 2, hpa["metadata"]
 
 
 def test_the_compose_file_parses_and_names_the_same_settings():

@@ -22,7 +22,10 @@ from services.common.job_files import load_spec, read_latents_file
 from tests.gateway_kit import Cluster, demo_models, sd1_window_reference, wait_for_job, wait_for_progress
 
 REPO = Path(__file__).resolve().parents[1]
-DENOISE_CALLS = 'baton_grpc_requests_total{code="OK",method="/baton.v1.Denoiser/Denoise"}'
+DENOISE_CALLS = (  # the exposition sorts labels by name
+    'grpc_server_handled_total{grpc_code="OK",grpc_method="Denoise",grpc_service="baton.v1.Denoiser",'
+    'grpc_type="server_stream"}'
+)
 
 
 @pytest.fixture(scope="module")

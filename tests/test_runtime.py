@@ -83,8 +83,10 @@ def test_reflection_lists_the_service_and_health(probe):
 
 
 def test_metrics_count_calls_by_method_and_code(probe):
-    ok = 'baton_grpc_requests_total{code="OK",method="/baton.v1.Processor/Process"}'
-    not_found = 'baton_grpc_requests_total{code="NOT_FOUND",method="/baton.v1.Processor/Process"}'
+    # The exposition sorts labels by name.
+    process = 'grpc_method="Process",grpc_service="baton.v1.Processor",grpc_type="unary"'
+    ok = f'grpc_server_handled_total{{grpc_code="OK",{process}}}'
+    not_found = f'grpc_server_handled_total{{grpc_code="NOT_FOUND",{process}}}'
     before = probe.metrics()
     call(probe, "echo")
     call(probe, "echo")
@@ -93,7 +95,7 @@ def test_metrics_count_calls_by_method_and_code(probe):
     after = probe.metrics()
     assert after[ok] - before.get(ok, 0) == 2
     assert after[not_found] - before.get(not_found, 0) == 1
-    assert 'baton_grpc_request_duration_seconds_count{method="/baton.v1.Processor/Process"}' in after
+    assert f"grpc_server_handling_seconds_count{{{process}}}" in after
 
 
 def test_sigterm_drains_in_flight_calls_and_reports_not_serving(redis_url, tmp_path):

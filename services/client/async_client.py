@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client.files import file_inputs, read_input, save_output
 from services.client.resume import PATIENCE_S, Resume, remaining
-from services.client.sync_client import OPTIONS, blob_chunks, tensor_header
+from services.client.sync_client import OPTIONS, app_tracing, blob_chunks, tensor_header
 from services.common.api.baton.v1 import gateway_pb2 as gpb
 from services.common.api.baton.v1 import gateway_pb2_grpc
 from services.common.api.baton.v1 import handles_pb2 as pb
@@ -42,7 +42,9 @@ class AsyncBatonClient:
         token: str | None = None,
     ):
         self.address = gateway_address(address)
-        self.channel = open_aio_channel(self.address, OPTIONS, *resolve(tls, token))
+        tracing = app_tracing()
+        interceptors = tracing.aio_client_interceptors() if tracing is not None else None
+        self.channel = open_aio_channel(self.address, OPTIONS, *resolve(tls, token), interceptors=interceptors)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.timeout = timeout
 

@@ -8,6 +8,7 @@ or torch tensors where torch is installed (`put_tensor` takes any of them; `get_
 from __future__ import annotations
 
 import builtins
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -50,6 +51,21 @@ def tensor_header(value: Any) -> tuple[pb.BlobHandle, bytes]:
     return pb.BlobHandle(media_type=TENSOR, dtype=raw.dtype, shape=raw.shape), raw.data
 
 
+def app_tracing() -> Any:
+    """The OpenTelemetry gRPC instrumentation when the app traces (it set a TracerProvider before
+    creating the client), to intercept the client's channel so that the app's current span parents
+    the gateway's; None otherwise. OpenTelemetry is never imported here unless the app did: the
+    CLI starts fast."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None or isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return None
+    try:
+        from opentelemetry.instrumentation import grpc as instrumentation
+    except ImportError:  # the API alone; `pip install 'baton[tracing]'` adds the instrumentation
+        return None
+    return instrumentation
+
+
 def is_end(event: jpb.JobEvent) -> bool:
     """Whether `event` is the one that ends its job (a terminal job state)."""
     return event.WhichOneof("event") == "job_state" and event.job_state in TERMINAL
@@ -70,6 +86,8 @@ class BatonClient:
     ):
         self.address = gateway_address(address)
         self.channel = open_channel(self.address, OPTIONS, *resolve(tls, token))
+        if (tracing := app_tracing()) is not None:
+            self.channel = tracing.intercept_channel(self.channel, tracing.client_interceptor())
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.timeout = timeout
 

@@ -28,6 +28,7 @@ import redis
 import torch
 import xxhash
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter
 
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.errors import BlobCorrupt, BlobNotFound, InvalidArgument, ResourceExhausted, Unavailable
@@ -46,6 +47,12 @@ KEEP_ATTEMPTS = 8
 # How long the chunks of an unfinished BlobWriter live (renewed while it writes): a writer whose
 # process dies mid-upload leaves them this long at most.
 UPLOAD_TTL_S = 120.0
+
+WRITTEN_BYTES = Counter("baton_blob_written_bytes", "Bytes written to the blob store")
+READ_BYTES = Counter("baton_blob_read_bytes", "Bytes read from the blob store")
+DIGEST_FAILURES = Counter(
+    "baton_blob_digest_failures", "Blob reads whose bytes did not match their handle's size or digest (DATA_LOSS)"
+)
 
 # keep_until in one step: KEYS = manifest, chunks...; ARGV = expiry (ms), the manifest as read,
 # the manifest to write. The chunks always get the expiry; the manifest is replaced only if it
@@ -70,6 +77,13 @@ return 1
 
 def digest(data: bytes | bytearray | memoryview) -> str:
     return DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(data)
+
+
+def _mismatch(message: str) -> BlobCorrupt:
+    """The error for a read whose bytes are not what its handle says, counted: corruption in the
+    store then shows on a dashboard, not only in the error of the job that met it."""
+    DIGEST_FAILURES.inc()
+    return BlobCorrupt(message)
 
 
 @contextlib.contextmanager
@@ -147,6 +161,7 @@ class BlobStore:
         with _redis_errors(handle.key):
             if name is None:
                 self._write_chunks(keys, chunks, expire_ms)
+                WRITTEN_BYTES.inc(len(view))
                 return handle
             # MULTI/EXEC: chunks first, manifest last, all or nothing. Out of memory, Redis
             # refuses a command at queue time, which discards the whole transaction.
@@ -155,6 +170,7 @@ class BlobStore:
                 pipe.set(key, chunk, pxat=expire_ms)
             pipe.set(handle.key, handle.SerializeToString(), pxat=expire_ms, get=True)
             previous = pipe.execute()[-1]
+        WRITTEN_BYTES.inc(len(view))
         if previous is not None:
             self._retire(_parse_manifest(handle.key, previous), now_ms)
         return handle
@@ -249,17 +265,18 @@ class BlobStore:
                 raise BlobNotFound(
                     f"blob {handle.key} (generation {handle.generation}) has expired or was deleted: {key} is gone"
                 )
+            READ_BYTES.inc(len(part))
             if pos + len(part) > len(out):
-                raise BlobCorrupt(
+                raise _mismatch(
                     f"blob {handle.key}: chunks hold more than the {handle.byte_size} bytes its header says"
                 )
             out[pos : pos + len(part)] = part
             pos += len(part)
         if pos != handle.byte_size:
-            raise BlobCorrupt(f"blob {handle.key}: chunks hold {pos} bytes, header says {handle.byte_size}")
+            raise _mismatch(f"blob {handle.key}: chunks hold {pos} bytes, header says {handle.byte_size}")
         found = digest(out)
         if found != handle.digest:
-            raise BlobCorrupt(f"blob {handle.key}: digest {found} does not match the handle's {handle.digest}")
+            raise _mismatch(f"blob {handle.key}: digest {found} does not match the handle's {handle.digest}")
         return out
 
     def iter_chunks(self, ref: pb.BlobHandle | str) -> Iterator[bytes]:
@@ -276,17 +293,18 @@ class BlobStore:
                     f"blob {handle.key} (generation {handle.generation}) has expired or was deleted: {key} is gone"
                 )
             pos += len(part)
+            READ_BYTES.inc(len(part))
             if pos > handle.byte_size:
-                raise BlobCorrupt(
+                raise _mismatch(
                     f"blob {handle.key}: chunks hold more than the {handle.byte_size} bytes its header says"
                 )
             hasher.update(part)
             if n == len(keys) - 1:
                 if pos != handle.byte_size:
-                    raise BlobCorrupt(f"blob {handle.key}: chunks hold {pos} bytes, header says {handle.byte_size}")
+                    raise _mismatch(f"blob {handle.key}: chunks hold {pos} bytes, header says {handle.byte_size}")
                 found = DIGEST_PREFIX + hasher.hexdigest()
                 if found != handle.digest:
-                    raise BlobCorrupt(f"blob {handle.key}: digest {found} does not match the handle's {handle.digest}")
+                    raise _mismatch(f"blob {handle.key}: digest {found} does not match the handle's {handle.digest}")
             yield part
 
     def get_tensor(self, ref: pb.BlobHandle | str) -> torch.Tensor:
@@ -388,6 +406,7 @@ class BlobWriter:
                     self._expire(self._pending_until_ms)
             self._keys.append(key)
             self.redis.set(key, chunk, pxat=self._pending_until_ms)
+        WRITTEN_BYTES.inc(len(chunk))
 
     def _expire(self, at_ms: int) -> list[bool]:
         pipe = self.redis.pipeline(transaction=False)

@@ -63,7 +63,7 @@ MIB = 1 << 20
 COMMON = (
     Setting("host", "127.0.0.1", "address to listen on; 0.0.0.0 for every interface (containers set it)"),
     Setting("port", 0, "gRPC port", int),
-    Setting("metrics-port", 0, "Prometheus /metrics HTTP port; 0 turns metrics off", int),
+    Setting("metrics-port", 0, "HTTP port of /metrics (Prometheus), /livez and /readyz (probes); 0 turns it off", int),
     Setting(
         "redis-url",
         "redis://127.0.0.1:6379/0",
@@ -132,6 +132,13 @@ COMMON = (
     Setting("cluster-token-file", "", "file holding the bearer token this service presents to workers"),
     Setting("log-level", "info", "log level", choices=("debug", "info", "warning", "error")),
     Setting("log-format", "json", "json lines for log collectors, text for people", choices=("json", "text")),
+    Setting(
+        "otlp-endpoint",
+        "",
+        "OpenTelemetry collector (OTLP/gRPC, e.g. http://otel-collector:4317) that traces go to; empty: none are "
+        "exported, yet trace ids still name jobs in logs and in Get's info",
+        fallback_env=("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ),
 )
 
 

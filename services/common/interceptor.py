@@ -1,4 +1,5 @@
-"""The one place exceptions become gRPC statuses, calls are admitted, and every RPC is counted and timed.
+"""The one place exceptions become gRPC statuses, calls are admitted, and every RPC is counted and timed
+(grpc_metrics: unary calls and streams in histograms of their own, messages each way).
 
 - Baton's errors carry their status code; Redis being away is UNAVAILABLE; anything else is
   INTERNAL and logged as a bug.
@@ -32,7 +33,6 @@ import redis
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.errors import (
     MAX_MESSAGE_BYTES,
@@ -43,18 +43,10 @@ from services.common.errors import (
     MalformedRequest,
     elide,
 )
+from services.common.grpc_metrics import RpcMetrics, rpc_metrics
 from services.common.redis_conn import REDIS_DOWN
 
 log = logging.getLogger("baton.rpc")
-
-REQUESTS = Counter("baton_grpc_requests", "gRPC calls served, by final status code", ["method", "code"])
-LATENCY = Histogram(
-    "baton_grpc_request_duration_seconds",
-    "gRPC call duration",
-    ["method"],
-    buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-)
-IN_FLIGHT = Gauge("baton_grpc_in_flight", "gRPC calls being served", ["method"])
 
 # Never refused by the concurrency limit: a probe must see a busy service as alive.
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -133,23 +125,28 @@ def _check(request):
     return request
 
 
-async def _checked_stream(requests):
+async def _checked_stream(requests, rpc: RpcMetrics):
     async for request in requests:
+        rpc.received.inc()
         yield _check(request)
 
 
-def _checked(request_or_iterator, streaming: bool):
-    return _checked_stream(request_or_iterator) if streaming else _check(request_or_iterator)
+def _checked(request_or_iterator, streaming: bool, rpc: RpcMetrics):
+    if streaming:
+        return _checked_stream(request_or_iterator, rpc)
+    rpc.received.inc()
+    return _check(request_or_iterator)
 
 
 class _Call:
     """Bookkeeping for one RPC: timing, in-flight gauge, final code, error mapping."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext):
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, rpc: RpcMetrics):
         self.method = method
         self.context = context
+        self.rpc = rpc
         self.start = time.perf_counter()
-        IN_FLIGHT.labels(method).inc()
+        rpc.begin()
 
     async def fail(self, exc: BaseException) -> None:
         if isinstance(exc, grpc.aio.AbortError):  # the servicer set its own status
@@ -174,9 +171,7 @@ class _Call:
         await self.context.abort(status.code, status.details, trailing_metadata=trailers)
 
     def finish(self, code: grpc.StatusCode) -> None:
-        IN_FLIGHT.labels(self.method).dec()
-        LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
-        REQUESTS.labels(self.method, code.name).inc()
+        self.rpc.end(code, time.perf_counter() - self.start)
 
 
 class _Limit:
@@ -191,19 +186,20 @@ Gate = Callable[[str, grpc.aio.ServicerContext], None]
 
 
 def _wrap_unary_response(
-    method: str, behavior: Callable, limit: _Limit | None, streaming: bool, gate: Gate
+    method: str, behavior: Callable, limit: _Limit | None, streaming: bool, gate: Gate, rpc: RpcMetrics
 ) -> Callable:
     async def handler(request_or_iterator, context):
-        call = _Call(method, context)
+        call = _Call(method, context, rpc)
         try:
             gate(method, context)
             _enter(limit, method)
             try:
-                response = await behavior(_checked(request_or_iterator, streaming), context)
+                response = await behavior(_checked(request_or_iterator, streaming, rpc), context)
             finally:
                 _leave(limit)
         except BaseException as exc:
             await call.fail(exc)
+        rpc.sent.inc()
         call.finish(grpc.StatusCode.OK)
         return response
 
@@ -211,18 +207,19 @@ def _wrap_unary_response(
 
 
 def _wrap_stream_response(
-    method: str, behavior: Callable, limit: _Limit | None, streaming: bool, gate: Gate
+    method: str, behavior: Callable, limit: _Limit | None, streaming: bool, gate: Gate, rpc: RpcMetrics
 ) -> Callable:
     async def handler(request_or_iterator, context):
-        call = _Call(method, context)
+        call = _Call(method, context, rpc)
         try:
             gate(method, context)
             _enter(limit, method)
             try:
-                result = behavior(_checked(request_or_iterator, streaming), context)
+                result = behavior(_checked(request_or_iterator, streaming, rpc), context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
+                        rpc.sent.inc()
                 else:  # a coroutine that writes with context.write()
                     await result
             finally:
@@ -267,25 +264,29 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         limit = None if method.startswith(EXEMPT_PREFIXES) else self.limit
         deserializer = _tolerant(method, handler.request_deserializer)
         if handler.unary_unary:
+            rpc = rpc_metrics(method, "unary_unary")
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.unary_unary, limit, streaming=False, gate=self.gate),
+                _wrap_unary_response(method, handler.unary_unary, limit, streaming=False, gate=self.gate, rpc=rpc),
                 deserializer,
                 handler.response_serializer,
             )
         if handler.unary_stream:
+            rpc = rpc_metrics(method, "unary_stream")
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(method, handler.unary_stream, limit, streaming=False, gate=self.gate),
+                _wrap_stream_response(method, handler.unary_stream, limit, streaming=False, gate=self.gate, rpc=rpc),
                 deserializer,
                 handler.response_serializer,
             )
         if handler.stream_unary:
+            rpc = rpc_metrics(method, "stream_unary")
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(method, handler.stream_unary, limit, streaming=True, gate=self.gate),
+                _wrap_unary_response(method, handler.stream_unary, limit, streaming=True, gate=self.gate, rpc=rpc),
                 deserializer,
                 handler.response_serializer,
             )
+        rpc = rpc_metrics(method, "stream_stream")
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.stream_stream, limit, streaming=True, gate=self.gate),
+            _wrap_stream_response(method, handler.stream_stream, limit, streaming=True, gate=self.gate, rpc=rpc),
             deserializer,
             handler.response_serializer,
         )

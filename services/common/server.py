@@ -1,11 +1,13 @@
 """The service runtime every Baton service runs in.
 
 gRPC (asyncio) with health checking and reflection, one status interceptor, raised message
-limits and keepalive, Prometheus metrics over HTTP, structured logs, settings from flags and
-env vars, and a graceful drain on SIGTERM: the worker leaves the registry, health goes
-NOT_SERVING, the service's drain hooks run (a denoiser finishes or hands off its windows),
-in-flight calls get what is left of `grace-period`, then the process exits. Health is also
-NOT_SERVING while Redis cannot be reached: a service without Redis can serve nothing.
+limits and keepalive, Prometheus metrics and the /livez and /readyz probes over HTTP
+(http_endpoints), structured logs, settings from flags and env vars, and a graceful drain on
+SIGTERM: the worker leaves the registry, health goes NOT_SERVING, the service's drain hooks run
+(a denoiser finishes or hands off its windows), in-flight calls get what is left of
+`grace-period`, then the process exits. Health is also NOT_SERVING while Redis cannot be
+reached: a service without Redis can serve nothing. /readyz says what health says; /livez only
+whether the event loop runs, so a drain or a Redis outage never gets a pod restarted.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
+from services.common import http_endpoints, tracing
 from services.common.auth import CLUSTER, CLUSTER_ONLY, TENANTS, USER, Authenticator, Gate, method_roles
 from services.common.blobs import BlobStore
 from services.common.config import Setting, build_parser
@@ -176,10 +178,15 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
 
         torch.set_num_threads(settings.torch_threads)
     mounts = service.build(settings, runtime)
+    tracing.setup(service.name, settings.otlp_endpoint, tenant_facing=any(m.callers == TENANTS for m in mounts))
     server = grpc.aio.server(
         # The limit lives in the interceptor, not in grpc's maximum_concurrent_rpcs, which would
         # refuse health checks too (a Kubernetes probe would restart a merely busy worker).
-        interceptors=[StatusInterceptor(settings.max_concurrency, gate_for(settings, mounts))],
+        # Tracing first (outermost): its span sees the status the StatusInterceptor sets.
+        interceptors=[
+            tracing.server_interceptor(),
+            StatusInterceptor(settings.max_concurrency, gate_for(settings, mounts)),
+        ],
         options=server_options(settings.max_message_bytes, settings.keepalive, settings.keepalive_timeout),
     )
     health_servicer = health.aio.HealthServicer()
@@ -191,17 +198,19 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
 
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     port = add_port(server, settings.host, settings.port, credentials)
+    readiness = HealthState(health_servicer, ["", *names], http_endpoints.ProbeState())
+    ticker = asyncio.create_task(readiness.probes.tick())
+    http = None
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.host)
+        http = http_endpoints.start(settings.host, settings.metrics_port, readiness.probes)
     await server.start()
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    for warmup in runtime._warmups:  # alive (health answers) but not ready until warm
+    await readiness.update()  # NOT_SERVING: warming up
+    monitor = asyncio.create_task(_watch_redis(settings, readiness, runtime))
+    for warmup in runtime._warmups:  # alive (health answers, /livez 200) but not ready until warm
         await asyncio.to_thread(warmup)
     for start in runtime._starters:
         await start()
-    readiness = HealthState(health_servicer, ["", *names])
-    await readiness.set_ready()
+    await readiness.update(warm=True)
     log.info(
         "%s serving",
         service.name,
@@ -221,7 +230,6 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
     runtime._changed = asyncio.Event()
     if runtime._worker is not None:
         heartbeat = asyncio.create_task(_heartbeat(runtime, settings, advertised_address(settings, port)))
-    monitor = asyncio.create_task(_watch_redis(settings, readiness, runtime))
     await stop.wait()
 
     deadline = time.monotonic() + settings.grace_period
@@ -232,6 +240,7 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
         kind, _ = runtime._worker  # type: ignore[misc]
         with contextlib.suppress(*REDIS_DOWN):
             await asyncio.to_thread(WorkerRegistry(runtime.redis).withdraw, kind, runtime.worker_id)
+    await readiness.update(draining=True)  # not ready, still alive: liveness must not kill a drain
     await health_servicer.enter_graceful_shutdown()
     for drain in runtime._drainers:
         try:
@@ -243,6 +252,10 @@ async def serve(service: Service, settings: argparse.Namespace, runtime: Runtime
         result = close()
         if asyncio.iscoroutine(result):
             await result
+    ticker.cancel()
+    if http is not None:
+        http.shutdown()
+        http.server_close()
     log.info("%s stopped", service.name)
 
 
@@ -256,13 +269,18 @@ def advertised_address(settings: argparse.Namespace, port: int) -> str:
 
 
 class HealthState:
-    """Health of every service name: SERVING only when warm, connected to Redis and not draining."""
+    """Readiness, for gRPC health (every service name) and /readyz alike: SERVING only when warm,
+    connected to Redis and not draining."""
 
-    def __init__(self, servicer: health.aio.HealthServicer, names: list[str]):
+    def __init__(self, servicer: health.aio.HealthServicer, names: list[str], probes: http_endpoints.ProbeState):
         self.servicer = servicer
         self.names = names
+        self.probes = probes
 
-    async def set_ready(self, ready: bool = True) -> None:
+    async def update(self, **conditions: bool) -> None:
+        """Sets any of warm, redis_up and draining, and health to what they add up to."""
+        self.probes.update(**conditions)
+        ready = self.probes.ready
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self.names:
             await self.servicer.set(name, status)
@@ -288,7 +306,7 @@ async def _watch_redis(settings: argparse.Namespace, readiness: HealthState, run
                 log.warning(
                     "Redis is unreachable at %s; health is NOT_SERVING until it returns", redact(settings.redis_url)
                 )
-            await readiness.set_ready(reachable)
+            await readiness.update(redis_up=reachable)
 
 
 async def _heartbeat(runtime: Runtime, settings: argparse.Namespace, address: str) -> None:

@@ -167,8 +167,12 @@ def open_channel(address: str, options: list, tls: ClientTLS = PLAINTEXT, token:
     return grpc.secure_channel(address, creds, options=[*options, *tls.options()])
 
 
-def open_aio_channel(address: str, options: list, tls: ClientTLS = PLAINTEXT, token: str = "") -> grpc.aio.Channel:
+def open_aio_channel(
+    address: str, options: list, tls: ClientTLS = PLAINTEXT, token: str = "", interceptors: list | None = None
+) -> grpc.aio.Channel:
     creds = channel_credentials(tls, token)
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, creds, options=[*options, *tls.options()])
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors or None)
+    return grpc.aio.secure_channel(
+        address, creds, options=[*options, *tls.options()], interceptors=interceptors or None
+    )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from prometheus_client import Counter
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import workers_pb2 as wpb
@@ -36,6 +37,7 @@ from services.common.grpc_options import channel_options
 from services.common.redis_conn import REDIS_DOWN
 from services.common.registry import WorkerRegistry
 from services.common.tls import PLAINTEXT, ClientTLS, file_stamp, open_aio_channel
+from services.common.tracing import client_interceptors
 
 log = logging.getLogger("baton.workers")
 HOLDING = (dpb.MODEL_STATE_READY, dpb.MODEL_STATE_OFFLOADED)
@@ -46,6 +48,14 @@ DOWN_COOLDOWN_S = 2.0
 STALL_COOLDOWN_S = 60.0
 # What a static address without a registry record is assumed to take at once.
 STATIC_SLOTS = 5
+# Here, not in the gateway: the processor calls interposers through a WorkerPool too.
+RETRIES = Counter(
+    "baton_stage_retries",
+    "Worker calls tried again, by the caller's stage kind (else the worker kind) and why",
+    ["kind", "reason"],
+)
+# The retry hints a reason may be; any other hint counts as "unavailable" (bounded label values).
+RETRY_HINTS = frozenset({"busy", "draining", "redis", "unavailable"})
 
 
 class Stalled(Exception):
@@ -145,6 +155,16 @@ def verdict(exc: BaseException) -> str:
     return FINAL
 
 
+def retry_reason(exc: BaseException, outcome: str) -> str:
+    """Why a call that was not FINAL is tried again: stalled, lost, or the worker's retry hint."""
+    if isinstance(exc, Stalled):
+        return "stalled"
+    if outcome == LOST or not isinstance(exc, grpc.aio.AioRpcError):
+        return "lost"
+    hint = retry_hint(exc)
+    return hint if hint in RETRY_HINTS else "unavailable"
+
+
 def describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
@@ -199,7 +219,10 @@ class WorkerPool:
         self._follow_rotation()
         if address not in self._channels:
             token = read_token(self.token_file) if self.token_file else ""
-            self._channels[address] = open_aio_channel(address, self.options, self.tls, token)
+            # Traced: the trace and the stage's baggage go on to the worker.
+            self._channels[address] = open_aio_channel(
+                address, self.options, self.tls, token, interceptors=client_interceptors()
+            )
         return self._channels[address]
 
     def _follow_rotation(self, every_s: float = 5.0) -> None:
@@ -297,12 +320,14 @@ class WorkerPool:
         wait_s: float | None = None,
         on_attempt: Callable[[Worker, int], Awaitable[Any]] | None = None,
         on_wait: Callable[[str], Awaitable[Any]] | None = None,
+        stage_kind: str = "",
     ) -> T:
         """fn(channel, worker, timeout_s) on a worker of `kind`, retried as the module docstring says.
 
         `deadline` is a time.time(); `light` calls (model lookups, listings) need no room;
         `wait_s` overrides how long to wait for a worker of the kind to appear. `on_attempt(worker, n)`
         runs before each try: n counts the workers tried that lost it, plus this one (refusals do not count).
+        `stage_kind` (denoise, decode, ...) labels the call's retries; the worker kind does without one.
         """
         worker_wait_s = self.worker_wait_s if wait_s is None else wait_s
         backoff = Backoff()
@@ -361,6 +386,7 @@ class WorkerPool:
                     self.mark_down(address)
                 else:
                     log.debug("%s refused by %s, retrying: %s", what, address, describe(exc))
+                RETRIES.labels(stage_kind or kind, retry_reason(exc, outcome)).inc()
                 if on_wait is not None:
                     await on_wait(f"retrying: {cause}")
                 self._cache.pop(kind, None)

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from services.common.errors import FailedPrecondition, NotFound
+from services.denoiser import metrics
 from services.denoiser.model_sources import ModelSources, admit
 from services.denoiser.models import LoadedModel, LoadOptions, ModelCard, card_of, inspect_model
 
@@ -93,6 +95,7 @@ class ModelCache:
             if entry.users:
                 raise FailedPrecondition(f"model {name!r} is in use by {entry.users} job(s); unload it when they end")
             self._drop(name)
+            self._publish()
 
     def entries(self) -> list[tuple[LoadedModel, bool]]:
         """(model, offloaded) for every loaded model, most recently used last."""
@@ -149,7 +152,9 @@ class ModelCache:
                     entry.users += 1
                     self._entries.move_to_end(name)
                     return entry
+            began = time.perf_counter()
             model = self._loader(name, self._source(name), replace(self.defaults, **options))
+            metrics.model_loaded(name, time.perf_counter() - began)
             with self._lock:
                 entry = _Entry(model, users=1)
                 self._entries[name] = entry
@@ -186,6 +191,13 @@ class ModelCache:
                 log.info("offloaded %s to host memory", victim)
             else:
                 self._drop(victim)
+        self._publish()
+
+    def _publish(self) -> None:
+        """The resident-model gauges, after anything that changes what is held or where."""
+        metrics.publish_resident(
+            ("cpu" if e.offloaded else e.model.device, e.model.memory_bytes) for e in self._entries.values()
+        )
 
     def _drop(self, name: str) -> None:
         entry = self._entries.pop(name)

@@ -43,6 +43,7 @@ from services.denoiser.families.base import (
     WindowResult,
 )
 from services.denoiser.inputs import Incoming, located, read_image, read_latents
+from services.denoiser.metrics import WindowTiming
 from services.denoiser.models import LoadedModel
 from services.denoiser.window import DenoiseWindow, cutoff
 
@@ -70,6 +71,7 @@ class EngineHooks(StepHooks):
         handoff: Callable[[], bool] = lambda: False,
         checkpoints: WindowCheckpoints | None = None,
         on_resume: Callable[[int], None] = lambda step: None,
+        timing: WindowTiming | None = None,
     ):
         self.model = model
         self.on_step = on_step
@@ -79,12 +81,15 @@ class EngineHooks(StepHooks):
         self.handoff = handoff
         self.checkpoints = checkpoints
         self.on_resume = on_resume
+        self.timing = timing
         self.start = time.monotonic()
         # (index, total) of the step running now; None while the window prepares its inputs.
         self.step: tuple[int, int] | None = None
 
     def before(self, index: int, total: int) -> None:
         self.step = (index, total)
+        if self.timing is not None:
+            self.timing.step_began()
         self._stop_if_cancelled(lambda: f"before step {index + 1} of {total}")
         if self.handoff():
             if self.checkpoints is None:
@@ -119,6 +124,8 @@ class EngineHooks(StepHooks):
         scheduler: Any,
         preview: Callable[[], torch.Tensor] | None = None,
     ) -> None:
+        if self.timing is not None:  # the step itself: its checkpoint and preview come after
+            self.timing.step_ended()
         event = dpb.StepEvent(step=index + 1, total=total, timestep=timestep, elapsed_s=time.monotonic() - self.start)
         if self.checkpoints is not None:
             event.checkpoint = self.checkpoints.after_step(index + 1, total, latents, scheduler)
@@ -166,12 +173,16 @@ class DenoiseEngine:
             incoming = read_latents(self.store, req.latents, req.model, model)
             job, caps = self._job(req, model, window, incoming)
             saving = self._checkpoints(req, model, job, caps)
-            hooks = EngineHooks(model, on_step, cancelled, deadline, req.preview_every, handoff, saving, on_resume)
+            timing = WindowTiming(req.model, job.width, job.height)
+            hooks = EngineHooks(
+                model, on_step, cancelled, deadline, req.preview_every, handoff, saving, on_resume, timing
+            )
             # Cancel and deadline are checked inside the model calls too, not only between steps.
             with model.lock, torch.no_grad(), interrupt.checked(model.family.networks(model), hooks.inside):
                 result = model.family.run(model, job, hooks)
             check_finite(result.latents, "the window's output", OVERFLOW_CAUSES)
             handle = self._output(req, model, job, caps, result)
+            timing.window_ended()
         if saving is not None:
             saving.finish(self.store)
         return handle

@@ -10,12 +10,11 @@ allows, then has each hand off at its next step boundary, checkpointed for anoth
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-from prometheus_client import Counter
 
 from services.common.admission import Ticket, WorkSlots
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
@@ -26,10 +25,9 @@ from services.common.errors import Cancelled, DeadlineExceeded, Draining
 from services.denoiser.cache import AVAILABLE, OFFLOADED, READY, ModelCache
 from services.denoiser.codec import VaeCodec
 from services.denoiser.engine import DenoiseEngine
+from services.denoiser.metrics import STEPS, WINDOWS, watch_slots
 from services.denoiser.models import LoadedModel, ModelCard, card_of, parse_dtype
 
-STEPS = Counter("baton_denoise_steps", "Denoising steps run")
-WINDOWS = Counter("baton_denoise_windows", "Denoise windows by outcome", ["outcome"])
 log = logging.getLogger("baton.denoiser")
 
 # Seconds between WindowStatus events while a call waits for a slot or prepares its window.
@@ -54,11 +52,14 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self.executor = executor
         # Denoise, Encode and Decode share the executor, so they share its slots and queue.
         self.slots = slots
+        watch_slots(lambda: slots.running, lambda: slots.queued)
         # Set late in a drain: every running window hands off at its next step boundary.
         self.handoff = threading.Event()
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        # In the call's context, as the window's run below: the work's log lines name the job and stage.
+        call = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call.run, fn, *args)
 
     def worker_info(self, address: str) -> wpb.WorkerInfo:
         """This worker's registry record: its models and how busy it is."""
@@ -130,7 +131,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             WINDOWS.labels("ok").inc()
             return latents
 
-        work = loop.run_in_executor(self.executor, run)
+        work = loop.run_in_executor(self.executor, contextvars.copy_context().run, run)
 
         def ended(done: asyncio.Future) -> None:
             # Not before: a window whose client went away runs to the next block of its network first.

@@ -24,12 +24,16 @@ from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.errors import NotFound
 from services.common.redis_conn import REDIS_DOWN
 from services.common.workers import WorkerPool
+from services.gateway import metrics
+from services.gateway.discovery import KINDS
 from services.gateway.jobs import TERMINAL, JobStore, deadline_of
 from services.gateway.planner import ready_stages
 
 log = logging.getLogger("baton.gateway")
 # How many of the oldest queued jobs one pass looks at.
 HEAD = 64
+# How often the queue and worker gauges are read again: a scrape gets the last reading.
+CENSUS_EVERY_S = 2.0
 Need = tuple[str, str]
 
 
@@ -72,7 +76,11 @@ class Dispatcher:
         self.starting.pop(job_id, None)
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._take_loop()), asyncio.create_task(self._scan_loop())]
+        self._tasks = [
+            asyncio.create_task(self._take_loop()),
+            asyncio.create_task(self._scan_loop()),
+            asyncio.create_task(self._census_loop()),
+        ]
 
     async def stop(self) -> None:
         self.paused = True
@@ -150,6 +158,19 @@ class Dispatcher:
         return need
 
     # -- keeping the books -----------------------------------------------------------------
+    async def _census_loop(self) -> None:
+        """Reads the queue's length and the workers of each kind into the gauges (metrics.census);
+        with Redis away the gauges keep their last reading."""
+        while True:
+            try:
+                depth = await self.jobs.queue_length()
+                metrics.census(depth, {kind: len(await self.pool.workers(kind)) for kind in KINDS})
+            except REDIS_DOWN:
+                pass
+            except Exception:
+                log.exception("reading the queue and workers for the metrics failed")
+            await asyncio.sleep(CENSUS_EVERY_S)
+
     async def _scan_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 2)

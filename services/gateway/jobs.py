@@ -259,6 +259,9 @@ class JobStore:
         await self.redis.zrem(self._queue, job_id)
         await self.redis.zrem(self._deadlines, job_id)
 
+    async def queue_length(self) -> int:
+        return int(await self.redis.zcard(self._queue))
+
     async def queue_head(self, count: int) -> list[tuple[str, float]]:
         """The oldest `count` queued jobs with their submission times."""
         return [(_text(i), float(s)) for i, s in await self.redis.zrange(self._queue, 0, count - 1, withscores=True)]

@@ -24,6 +24,7 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
+from services.common import tracing
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
@@ -35,6 +36,7 @@ from services.common.limits import DEFAULT, Limits
 from services.common.redis_conn import REDIS_DOWN
 from services.common.rules.blobs import check_store_handle
 from services.common.workers import Worker, WorkerPool
+from services.gateway import metrics
 from services.gateway.catalog import ModelCatalog
 from services.gateway.dispatcher import Dispatcher
 from services.gateway.jobs import (
@@ -169,11 +171,13 @@ class Orchestrator:
         plan = await self.plan(spec, deadline, caller)
         job = self.jobs.new_job(spec, idempotency_key)
         job.tenant = caller.tenant
+        tracing.record_trace(job.info)  # whichever gateway runs the job continues this trace
         for name in plan.order:
             job.stages.add(name=name, kind=plan.stages[name].kind, state=jpb.STAGE_STATE_PENDING)
         job.created_at.CopyFrom(now_ts())
         job, created = await self.jobs.create(job, idempotency_key, deadline_of(job, self.job_timeout_s), fingerprint)
         if created:
+            metrics.SUBMITTED.inc()
             self.dispatcher.wake()
         return await self.with_position(job)
 
@@ -209,6 +213,7 @@ class Orchestrator:
     async def _end_unowned(self, job: jpb.Job, state: jpb.JobState, reason: str) -> None:
         _close(job, state, reason)
         if await self.jobs.save(job) == 1:
+            metrics.job_ended(job)
             await self.jobs.append(job.id, jpb.JobEvent(job_state=state, error=reason))
             log.info("job %s %s", job.id, jpb.JobState.Name(state), extra={"job_id": job.id, "error": reason})
         await self.jobs.release(job.id, self.owner)
@@ -247,9 +252,11 @@ class Orchestrator:
     def _launch(self, job_id: str) -> None:
         task = asyncio.create_task(self._run(job_id))
         self.running[job_id] = task
+        metrics.JOBS_RUNNING.set(len(self.running))
 
         def done(_: asyncio.Task) -> None:
             self.running.pop(job_id, None)
+            metrics.JOBS_RUNNING.set(len(self.running))
             self.runs.pop(job_id, None)
             self.dispatcher.started(job_id)
             self.dispatcher.wake()
@@ -273,7 +280,8 @@ class Orchestrator:
             if reason is not None:  # cancelled while nobody ran it
                 await self._finish(run, jpb.JOB_STATE_CANCELLED, reason)
                 return
-            await self._execute(run)
+            with tracing.job_span(job_id, job.info):
+                await self._execute(run)
         except asyncio.CancelledError:
             if run is not None:
                 await self._stopped(run)
@@ -300,7 +308,8 @@ class Orchestrator:
                 await self._finish(run, jpb.JOB_STATE_CANCELLED, run.cancel_reason)
             elif run.stop == "lost-record":
                 _close(run.job, jpb.JOB_STATE_FAILED, LOST_RECORD)
-                await self.jobs.save(run.job, must_exist=False)
+                if await self.jobs.save(run.job, must_exist=False) == 1:
+                    metrics.job_ended(run.job)
                 await self.jobs.append(job_id, jpb.JobEvent(job_state=jpb.JOB_STATE_FAILED, error=LOST_RECORD))
                 await self.jobs.release(job_id, self.owner)
                 log.warning("job %s failed: its record was lost from Redis", job_id, extra={"job_id": job_id})
@@ -407,6 +416,7 @@ class Orchestrator:
         job.state = jpb.JOB_STATE_RUNNING
         if not job.HasField("started_at"):
             job.started_at.CopyFrom(now_ts())
+            metrics.job_taken(job)
         await self._save(run)
         await self._event(run, jpb.JobEvent(job_state=jpb.JOB_STATE_RUNNING))
         status = {s.name: s for s in job.stages}
@@ -417,7 +427,10 @@ class Orchestrator:
         if all(f.done() for f in done.values()):
             self.dispatcher.started(job.id)
         tasks = [
-            asyncio.create_task(self._stage(run, plan, name, status, done, deadline))
+            # Each stage's task runs in a context that names the stage (worker calls, log lines).
+            asyncio.create_task(
+                self._stage(run, plan, name, status, done, deadline), context=tracing.stage_context(name)
+            )
             for name in plan.order
             if not done[name].done()
         ]
@@ -479,7 +492,8 @@ class Orchestrator:
 
         async def attempt(channel, worker: Worker, timeout: float) -> StageResult:
             call.timeout = timeout
-            return await RUNNERS[planned.kind](channel, call, self._progress(run, s, model))
+            with tracing.stage_span(job.id, name, planned.kind, model, s.attempts, worker.address):
+                return await RUNNERS[planned.kind](channel, call, self._progress(run, s, model))
 
         try:
             result = await self.pool.call(
@@ -490,6 +504,7 @@ class Orchestrator:
                 what=f"stage {name!r}",
                 on_attempt=on_attempt,
                 on_wait=on_wait,
+                stage_kind=planned.kind,
             )
             await self._keep_outputs(run, s, result)
         except grpc.aio.AioRpcError as exc:
@@ -499,6 +514,8 @@ class Orchestrator:
         s.resumed_from = result.resumed_from or s.resumed_from
         s.state, s.waiting = jpb.STAGE_STATE_SUCCEEDED, ""
         s.finished_at.CopyFrom(now_ts())
+        log.info("stage %s succeeded on %s", name, s.worker, extra={"attempts": s.attempts})
+        metrics.stage_succeeded(planned.kind, model, s)
         await self._save(run)
         await self._event(run, jpb.JobEvent(stage=s))
         done[name].set_result(None)
@@ -605,6 +622,7 @@ class Orchestrator:
             await self._stopped(run)
             return
         if outcome == 1:
+            metrics.job_ended(job)
             await self._event(run, jpb.JobEvent(job_state=state, error=reason))
             log.info("job %s %s", job.id, jpb.JobState.Name(state), extra={"job_id": job.id, "error": reason})
         await self._durable(run, lambda: self.jobs.release(job.id, self.owner))

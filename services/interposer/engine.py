@@ -8,6 +8,7 @@ decodes, the target model's encodes, through a denoiser), chosen per request.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +83,9 @@ class InterposerEngine:
         pair = self.published_pair(source.id, target.id)
         loop = asyncio.get_running_loop()
         if method == AUTO:
-            usable = pair is not None and await loop.run_in_executor(self.executor, self._can_load, pair)
+            # In the call's context: the work's log lines name the job and stage.
+            call = contextvars.copy_context()
+            usable = pair is not None and await loop.run_in_executor(self.executor, call.run, self._can_load, pair)
             method = NET if usable else VAE
         if method == NET:
             if pair is None:
@@ -91,7 +94,8 @@ class InterposerEngine:
                     "Cascade); use method vae with a source_model and a target_model",
                     field="method",
                 )
-            return await loop.run_in_executor(self.executor, self._by_net, req, pair, source, target), NET
+            call = contextvars.copy_context()
+            return await loop.run_in_executor(self.executor, call.run, self._by_net, req, pair, source, target), NET
         deadline = time.time() + (timeout_s if timeout_s is not None and timeout_s < 1e6 else 600.0)
         return await self._by_vae(req, target, deadline), VAE
 

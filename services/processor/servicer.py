@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +27,9 @@ class ProcessorServicer(processor_pb2_grpc.ProcessorServicer):
         deadline = time.time() + remaining if remaining is not None and remaining < 1e6 else None
         async with self.slots.admit("processor chain"):
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, self.engine.process, request, deadline)
+            # In the call's context: the chain's log lines and interposer calls name the job and stage.
+            call = contextvars.copy_context()
+            return await loop.run_in_executor(self.executor, call.run, self.engine.process, request, deadline)
 
     async def ListProcessors(self, request, context):
         return ppb.ListProcessorsResponse(processors=[d.info() for _, d in sorted(REGISTRY.items())])
