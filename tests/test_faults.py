@@ -161,8 +161,9 @@ def test_sigterm_each_denoiser_in_turn_while_jobs_stream_in_fails_no_job(cluster
             time.sleep(0.3)
 
     def starting_a_long_window(candidates: list) -> object:
-        """The first of `candidates` seen in the first half of a long window, past its first checkpoint:
-        its drain must hand that one off.
+        """The first of `candidates` seen in the first half of a long window, past its first checkpoint,
+        of a job no earlier drain picked: its drain must hand that one off (so each drain adds a job
+        to `handed_off`, rather than the second draining the window the first one moved there).
 
         Placement prefers the denoiser that holds the model, so which one runs the long
         windows is the cluster's choice; the test drains whichever does, then the other.
@@ -173,7 +174,9 @@ def test_sigterm_each_denoiser_in_turn_while_jobs_stream_in_fails_no_job(cluster
                 stage = client.get(j.id).stages[0]
                 for denoiser in candidates:
                     # Step 2 onwards: the window has a checkpoint (every 2 steps) to be handed off from.
-                    if stage.worker == denoiser.address and stage.total == 24 and 2 <= stage.step <= 12:
+                    long_and_early = stage.total == 24 and 2 <= stage.step <= 12
+                    if stage.worker == denoiser.address and long_and_early and j.id not in drained_jobs:
+                        drained_jobs.add(j.id)
                         return denoiser
             time.sleep(0.1)
         raise AssertionError(f"none of {[d.address for d in candidates]} started a long window")
@@ -181,6 +184,7 @@ def test_sigterm_each_denoiser_in_turn_while_jobs_stream_in_fails_no_job(cluster
     feeder = threading.Thread(target=stream)
     feeder.start()
     undrained = list(cluster.denoisers)
+    drained_jobs: set[str] = set()
     try:
         while undrained:
             denoiser = starting_a_long_window(undrained)
