@@ -48,6 +48,7 @@ bench: setup
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.interposer
 	$(PY) -m bench.cli_start
+	$(PY) -m bench.batching --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

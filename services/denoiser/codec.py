@@ -1,10 +1,28 @@
 """The Encode and Decode RPCs: images (or pixel tensors) to model-space latents and back, with
-the model's own VAE. Batches stay whole: B latents decode to B images, B images encode to B latents."""
+the model's own VAE. Batches stay whole: B latents decode to B images, B images encode to B latents.
+
+Requests on one model share VAE forwards (batching.py, through the model's VaeBatcher): the
+Decodes pending at once whose latents have one shape after the batch dimension run one
+`vae.decode` over their latents concatenated, each taking its own rows back; Encodes of one size
+run one `vae.encode`, and each gets its rows of the posterior's parameters as a posterior of its
+own, so its mode, or its seeded sample (its own generator over its own rows), is what it was
+alone. A request alone runs exactly as before; a batched row can differ from its alone value in
+the last bits (CPU conv kernels choose their path by batch size: tests/test_vae_batching.py).
+
+No lockstep: a call is in the batcher only while it waits, so the first one in runs its forward at
+once, on its own thread, and the calls that come in meanwhile form the next batch. The forward
+(vae.Forward) takes the model's lock and upcasts the VAE once for the whole batch. It takes the
+lock with the batcher's own released, and nothing that holds the model's lock waits on this
+batcher (a preparing window calls the VAE itself), so a Decode beside a preparing window waits
+for the window's first forward and goes on.
+"""
 
 from __future__ import annotations
 
 import functools
 import io
+import threading
+from typing import Any
 
 import torch
 
@@ -14,6 +32,7 @@ from services.common.blobs import BlobStore
 from services.common.errors import InvalidArgument
 from services.common.limits import DEFAULT, Limits
 from services.denoiser import vae
+from services.denoiser.batching import NetCall, SampleBudget, StepBatcher
 from services.denoiser.cache import ModelCache
 from services.denoiser.inputs import located, read_image, read_latents, read_pixels
 from services.denoiser.models import LoadedModel
@@ -22,11 +41,32 @@ IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 TENSOR_FORMAT = "tensor"
 
 
+class VaeBatcher(StepBatcher):
+    """A model's Encode and Decode calls, sharing VAE forwards; forwards run on a waiting call's
+    thread. One network per method, made once: NetCall.key groups calls by their network."""
+
+    def __init__(self, model: LoadedModel, max_batch: int = 0):
+        super().__init__(SampleBudget(max_batch, model.device))
+        self.decode = vae.Forward(model, "decode")
+        self.encode = vae.Forward(model, "encode")
+
+
 class VaeCodec:
-    def __init__(self, store: BlobStore, cache: ModelCache, *, limits: Limits = DEFAULT):
+    def __init__(self, store: BlobStore, cache: ModelCache, *, limits: Limits = DEFAULT, max_batch: int = 0):
+        """`max_batch`: samples per shared VAE forward, as the engine's (0: from the device, 1: each
+        request alone)."""
         self.store = store
         self.cache = cache
         self.limits = limits  # max-pixels of the images Encode decodes
+        self.max_batch = max_batch
+        self._batchers = threading.Lock()
+
+    def batcher(self, model: LoadedModel) -> VaeBatcher:
+        """The model's VaeBatcher, made on first use."""
+        with self._batchers:
+            if model.vae_batcher is None:
+                model.vae_batcher = VaeBatcher(model, self.max_batch)
+            return model.vae_batcher
 
     def encode(self, req: dpb.EncodeRequest) -> pb.LatentHandle:
         handles = list(req.images)
@@ -40,8 +80,11 @@ class VaeCodec:
             if len(sizes) > 1:
                 raise InvalidArgument(f"a batch is one size; got {sorted(sizes)} (H, W)", field="images")
             seed = req.seed if req.HasField("seed") else None
-            with model.lock:
-                latents = vae.encode(model, torch.cat(parts), seed=seed)
+            batcher = self.batcher(model)
+            call = NetCall(batcher.encode, {"x": vae.encode_input(model, torch.cat(parts))}, split=vae.split_posterior)
+            with batcher.window() as member:
+                posterior: Any = member.forward(call)  # a DiagonalGaussianDistribution: the call's split
+            latents = vae.latents_of(model, posterior, seed=seed)
             blob = self.store.put_tensor(latents, name=req.output_key or None)
             h, w = latents.shape[-2:]
             return pb.LatentHandle(
@@ -75,8 +118,10 @@ class VaeCodec:
             incoming = read_latents(self.store, req.latents, req.model, model)
             if incoming is None:
                 raise InvalidArgument("latents to decode are required", field="latents")
-            with model.lock:
-                pixels = vae.decode_to_tensor(model, incoming.tensor).float().cpu()
+            batcher = self.batcher(model)
+            call = NetCall(batcher.decode, {"z": vae.decode_input(model, incoming.tensor)})
+            with batcher.window() as member:
+                pixels = member.forward(call).float().cpu()
         height, width = pixels.shape[-2:]
         key = req.output_key
         if fmt == TENSOR_FORMAT:

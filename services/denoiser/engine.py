@@ -1,17 +1,20 @@
 """DenoiseEngine: a DenoiseRequest in, a LatentHandle out. Plain Python: blobs, models, torch.
 
 It resolves handles to tensors and images, checks everything a model cannot take (with the
-field named), picks the scheduler and its carried-over state, runs the family's window under
-the model's lock, and writes the result with all the metadata a next stage needs. A window with
+field named), picks the scheduler and its carried-over state, runs the family's window (its
+forwards shared with the model's other windows in flight: batching.py; or, with batching off,
+under the model's lock), and writes the result with all the metadata a next stage needs. A window with
 an output key checkpoints itself as it goes and resumes an earlier attempt's checkpoint of the
 same request (checkpoints.py); on a drain it hands off at a step boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +32,8 @@ from services.common.limits import DEFAULT, Limits
 from services.common.rules import denoise as rules
 from services.common.rules.scheduler import check_scheduler
 from services.common.tensors import check_finite
-from services.denoiser import checkpoints, interrupt, schedulers
+from services.denoiser import checkpoints, interrupt, metrics, schedulers
+from services.denoiser.batching import Member, NetCall, SampleBudget, StepBatcher
 from services.denoiser.cache import ModelCache
 from services.denoiser.checkpoints import CheckpointWriter, WindowCheckpoints
 from services.denoiser.families.base import (
@@ -45,6 +49,7 @@ from services.denoiser.families.base import (
 from services.denoiser.inputs import Incoming, located, read_image, read_latents
 from services.denoiser.metrics import WindowTiming
 from services.denoiser.models import LoadedModel
+from services.denoiser.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from services.denoiser.window import DenoiseWindow, cutoff
 
 log = logging.getLogger("baton.denoiser")
@@ -85,6 +90,20 @@ class EngineHooks(StepHooks):
         self.start = time.monotonic()
         # (index, total) of the step running now; None while the window prepares its inputs.
         self.step: tuple[int, int] | None = None
+        # The window's place in its model's StepBatcher, while it runs with batching on.
+        self.member: Member | None = None
+        # Held while the window prepares (text encoders, VAE), released at its first forward.
+        self.preparing: threading.Lock | None = None
+
+    def forward(self, call: NetCall) -> torch.Tensor:
+        self.prepared()
+        return self.member.forward(call) if self.member is not None else call.alone()
+
+    def prepared(self) -> None:
+        """The window is past its preparation: the model's other windows and codec calls may prepare."""
+        lock, self.preparing = self.preparing, None
+        if lock is not None:
+            lock.release()
 
     def before(self, index: int, total: int) -> None:
         self.step = (index, total)
@@ -140,10 +159,22 @@ class EngineHooks(StepHooks):
 
 
 class DenoiseEngine:
-    def __init__(self, store: BlobStore, cache: ModelCache, checkpoint_every: int = 0, limits: Limits = DEFAULT):
+    def __init__(
+        self,
+        store: BlobStore,
+        cache: ModelCache,
+        checkpoint_every: int = 0,
+        limits: Limits = DEFAULT,
+        max_batch: int = 0,
+        batch_wait_s: float = 0.0,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+    ):
         """`checkpoint_every`: window steps between checkpoints (0: only at a drain's hand-off); the
         service's `checkpoint-every` setting says what a good value costs. `limits`: the cluster's
-        limits, applied to every request as the gateway applies them at Submit."""
+        limits, applied to every request as the gateway applies them at Submit. `max_batch`:
+        samples per shared forward (batching.py; 0: from the device, 1: no batching: windows on
+        one model take turns, each whole); `batch_wait_s`: how long a batch waits to fill;
+        `prompt_cache_bytes`: each model's prompt-embedding cache (prompt_cache.py; 0: off)."""
         self.store = store
         self.cache = cache
         self.limits = limits
@@ -151,6 +182,25 @@ class DenoiseEngine:
             raise ValueError(f"checkpoint_every must be 0 (off) or a step count, got {checkpoint_every}")
         self.checkpoint_every = checkpoint_every
         self.writer = CheckpointWriter(store)
+        if max_batch < 0 or batch_wait_s < 0:
+            raise ValueError(f"max_batch and batch_wait_s must be 0 or more, got {max_batch}, {batch_wait_s}")
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self._batchers = threading.Lock()
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch != 1
+
+    def batcher(self, model: LoadedModel) -> StepBatcher:
+        """The model's StepBatcher, made on first use."""
+        with self._batchers:
+            if model.batcher is None:
+                model.batcher = StepBatcher(
+                    SampleBudget(self.max_batch, model.device), self.batch_wait_s, on_forward=metrics.forward_shared
+                )
+            return model.batcher
 
     # -- Denoise ---------------------------------------------------------------------------
     def denoise(
@@ -170,6 +220,7 @@ class DenoiseEngine:
             req.denoising_end if req.HasField("denoising_end") else 1.0,
         )
         with self.cache.use(req.model) as model:
+            model.prompts.max_bytes, model.prompts.model = self.prompt_cache_bytes, model.name
             incoming = read_latents(self.store, req.latents, req.model, model)
             job, caps = self._job(req, model, window, incoming)
             saving = self._checkpoints(req, model, job, caps)
@@ -178,7 +229,18 @@ class DenoiseEngine:
                 model, on_step, cancelled, deadline, req.preview_every, handoff, saving, on_resume, timing
             )
             # Cancel and deadline are checked inside the model calls too, not only between steps.
-            with model.lock, torch.no_grad(), interrupt.checked(model.family.networks(model), hooks.inside):
+            with contextlib.ExitStack() as running:
+                if self.batching:  # the model's other windows run at once, sharing each step's forward
+                    hooks.member = running.enter_context(self.batcher(model).window(hooks.inside))
+                    # Preparing is one window at a time (and not beside Encode or Decode): the
+                    # tokenizers and the VAE's upcast for img2img are not safe to share.
+                    model.lock.acquire()
+                    hooks.preparing = model.lock
+                    running.callback(hooks.prepared)
+                else:
+                    running.enter_context(model.lock)
+                running.enter_context(torch.no_grad())
+                running.enter_context(interrupt.checked(model.family.networks(model), hooks.inside))
                 result = model.family.run(model, job, hooks)
             check_finite(result.latents, "the window's output", OVERFLOW_CAUSES)
             handle = self._output(req, model, job, caps, result)

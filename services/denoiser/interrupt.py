@@ -11,8 +11,10 @@ down to two lists deep (a UNet's down/mid/up blocks and their resnets and attent
 Flux's transformer blocks, the VAE's encoder and decoder blocks), never by one model's names, so it
 holds for every family. The check is a flag read and a monotonic clock, and a pre-hook that returns
 None passes the block's inputs on untouched, so results stay bit-for-bit what they were. The hooks
-live for one window and are removed however it ends. A drain's hand-off is not checked here: it
-needs a step boundary to checkpoint at.
+are installed while any window runs on the networks and removed when the last one ends; each
+runs the check of whoever makes the call (a context variable): the window's own, or, for a
+forward that several windows share (batching.py), one that stops it only when all of them are
+cancelled. A drain's hand-off is not checked here: it needs a step boundary to checkpoint at.
 
 On an accelerator the host queues kernels ahead of the device: unheld, it would pass every block of
 a step long before the device ran them, and a cancel seen at a block would leave the rest of the
@@ -23,6 +25,8 @@ back (DevicePace); the device's queue never runs dry, so windows run as fast as 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -62,39 +66,78 @@ class DevicePace:
         self.stream = None if device.type in ("cpu", "meta") else torch.accelerator.current_stream(device)
         self.ahead = ahead
         self.marks: deque[torch.Event] = deque()
+        self.lock = threading.Lock()
 
     def __call__(self) -> None:
         if self.stream is None:
             return
-        self.marks.append(self.stream.record_event())
-        if len(self.marks) > self.ahead:
-            self.marks.popleft().synchronize()
+        with self.lock:  # windows on one network share it (a VAE: a window's input and a Decode)
+            self.marks.append(self.stream.record_event())
+            oldest = self.marks.popleft() if len(self.marks) > self.ahead else None
+        if oldest is not None:
+            oldest.synchronize()
 
 
 def _device(network: nn.Module) -> torch.device:
     return next((p.device for p in network.parameters()), torch.device("cpu"))
 
 
-@contextlib.contextmanager
-def checked(networks: Iterable[nn.Module | None], check: Callable[[], None]) -> Iterator[None]:
-    """Runs `check` before every block of `networks` while the context lasts; `check` raises to stop."""
-    paces: dict[torch.device, DevicePace] = {}
-    handles: list[RemovableHandle] = []
+# The check that the blocks now running call: set by the window (or the batch) making the call.
+_CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("baton_interrupt", default=None)
 
-    def hook_for(pace: DevicePace) -> Callable[[nn.Module, Any], None]:
+
+class _Hooks:
+    """The hooks on one network's blocks, installed once for every window that uses it."""
+
+    def __init__(self, network: nn.Module):
+        pace = DevicePace(_device(network))
+
         def hook(module: nn.Module, args: Any) -> None:
             pace()
-            check()
+            check = _CHECK.get()
+            if check is not None:
+                check()
 
-        return hook
+        self.users = 0
+        self.handles: list[RemovableHandle] = [block.register_forward_pre_hook(hook) for block in blocks(network)]
 
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+_installed: dict[int, _Hooks] = {}
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def checking(check: Callable[[], None]) -> Iterator[None]:
+    """Runs `check` before every block of the hooked networks that this context calls."""
+    token = _CHECK.set(check)
     try:
-        for network in networks:
-            if network is not None:
-                device = _device(network)
-                hook = hook_for(paces.setdefault(device, DevicePace(device)))
-                handles.extend(block.register_forward_pre_hook(hook) for block in blocks(network))
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        _CHECK.reset(token)
+
+
+@contextlib.contextmanager
+def checked(networks: Iterable[nn.Module | None], check: Callable[[], None]) -> Iterator[None]:
+    """Runs `check` before every block of `networks` that this context calls, while it lasts; `check`
+    raises to stop."""
+    used = [n for n in networks if n is not None]
+    with _lock:
+        for network in used:
+            if id(network) not in _installed:
+                _installed[id(network)] = _Hooks(network)
+            _installed[id(network)].users += 1
+    try:
+        with checking(check):
+            yield
+    finally:
+        with _lock:
+            for network in used:
+                hooks = _installed[id(network)]
+                hooks.users -= 1
+                if hooks.users == 0:
+                    hooks.remove()
+                    del _installed[id(network)]

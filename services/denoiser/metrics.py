@@ -43,6 +43,13 @@ LOAD_SECONDS = Histogram(
 )
 RESIDENT = Gauge("baton_models_resident", "Models held, by device (offloaded ones under cpu)", ["device"])
 RESIDENT_BYTES = Gauge("baton_models_resident_bytes", "Parameter bytes of the models held, by device", ["device"])
+PROMPT_HITS = Counter(
+    "baton_prompt_cache_hits", "Prompt encodings served from the model's prompt-embedding cache", ["model"]
+)
+PROMPT_MISSES = Counter("baton_prompt_cache_misses", "Prompt encodings the text encoders ran", ["model"])
+BATCHED_FORWARDS = Counter(
+    "baton_denoise_forwards", "Forward passes of the denoising network, by how many windows shared one", ["windows"]
+)
 
 
 class WindowTiming:
@@ -136,3 +143,16 @@ class GpuMemory(Collector):
 
 
 REGISTRY.register(GpuMemory())
+
+
+def prompt_cache_hit(model: str) -> None:
+    PROMPT_HITS.labels(model).inc()
+
+
+def prompt_cache_miss(model: str) -> None:
+    PROMPT_MISSES.labels(model).inc()
+
+
+def forward_shared(windows: int) -> None:
+    """A forward that served `windows` windows (1: alone; larger ones are capped at 16+)."""
+    BATCHED_FORWARDS.labels(str(windows) if windows < 16 else "16+").inc()

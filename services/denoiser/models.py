@@ -7,6 +7,7 @@ convert it, and from_pretrained is told use_safetensors=True (which is what hold
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PickledWeights
 from services.common.latent_spaces import LatentSpace
+from services.denoiser.prompt_cache import PromptCache
 
 if TYPE_CHECKING:
     from services.denoiser.families.base import Family
@@ -63,10 +65,18 @@ class LoadedModel:
     # The model's own scheduler as loaded; runs set their own scheduler on the pipeline.
     scheduler_class: str = ""
     scheduler_config: dict = field(default_factory=dict)
-    # One window at a time per model: pipelines and their schedulers are not re-entrant.
+    # Windows that do not batch (max-batch 1), Encode and Decode take turns on the model with it.
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Pipelines for other modes (img2img, inpaint) sharing this one's components.
     variants: dict[str, Any] = field(default_factory=dict)
+    # The windows in flight on this model share their forward passes here (batching.py); made by
+    # the engine on first use.
+    batcher: Any = None
+    # Encode and Decode requests on this model share VAE forwards here (codec.py); made on first use.
+    vae_batcher: Any = None
+    # Text-encoder outputs by what they encoded (prompt_cache.py); encoding runs under its lock.
+    prompts: PromptCache = field(default_factory=PromptCache)
+    _variants_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def to(self, device: str) -> None:
         self.pipe.to(device)
@@ -76,9 +86,16 @@ class LoadedModel:
         """The `cls` pipeline over the same components (diffusers' from_pipe: no new weights)."""
         if type(self.pipe) is cls:
             return self.pipe
-        if kind not in self.variants:
-            self.variants[kind] = cls.from_pipe(self.pipe)
-        return self.variants[kind]
+        with self._variants_lock:
+            if kind not in self.variants:
+                self.variants[kind] = cls.from_pipe(self.pipe)
+            return self.variants[kind]
+
+    def window_pipe(self, kind: str, cls: Any) -> Any:
+        """The `cls` pipeline for one window: a shallow copy, so the window can set its own scheduler
+        on it (the pipelines' helpers read pipe.scheduler) while other windows run on the same
+        components."""
+        return copy.copy(self.variant(kind, cls))
 
 
 def module_bytes(pipe: Any) -> int:

@@ -51,7 +51,23 @@ SETTINGS = service_settings(
             "sources a request may name beyond models and preload, comma-separated: absolute folders (a "
             "source must resolve inside one), hub:org/*, hub:org/name, hub:*; empty = configured models only",
         ),
-        Setting("concurrency", 1, "denoise jobs run at once (each holds its model's lock)", int),
+        Setting(
+            "concurrency",
+            1,
+            "windows (and encodes/decodes) run at once; the windows on one model share each step's forward (max-batch)",
+            int,
+        ),
+        # Batching across windows: images per GPU-hour is what batch pipelines buy (bench/batching.py).
+        Setting(
+            "max-batch",
+            0,
+            "samples per shared forward (both guidance halves count); 0 = from the device (CPU 32, a GPU's free "
+            "memory); 1 = no batching: windows on one model take turns, each whole",
+            int,
+        ),
+        Setting("batch-wait-ms", 0.0, "how long a step's forward waits for more windows to join it", float),
+        # A T5-XXL pass per window is seconds on Flux; the windows of one job mostly encode the same texts.
+        Setting("prompt-cache-mb", 256, "text-encoder outputs kept per model (least recently used out); 0 = off", int),
         Setting(
             "checkpoint-every",
             DEFAULT_CHECKPOINT_EVERY,
@@ -116,11 +132,20 @@ def build(settings, runtime) -> list[Mount]:
         runtime.before_serving(lambda name=name: executor.submit(cache.load, name).result())
     runtime.before_serving(lambda: inspect_aliases(cache))
     runtime.on_shutdown(lambda: executor.shutdown(wait=False, cancel_futures=True))
+    if settings.max_batch < 0 or settings.batch_wait_ms < 0 or settings.prompt_cache_mb < 0:
+        raise SystemExit("BATON_MAX_BATCH, BATON_BATCH_WAIT_MS and BATON_PROMPT_CACHE_MB: 0 or more")
     engine = DenoiseEngine(
-        runtime.store, cache, checkpoint_every=settings.checkpoint_every, limits=limits.Limits.from_settings(settings)
+        runtime.store,
+        cache,
+        checkpoint_every=settings.checkpoint_every,
+        limits=limits.Limits.from_settings(settings),
+        max_batch=settings.max_batch,
+        batch_wait_s=settings.batch_wait_ms / 1000,
+        prompt_cache_bytes=settings.prompt_cache_mb << 20,
     )
     slots = WorkSlots(settings.concurrency, settings.max_queued, on_change=runtime.nudge)
-    servicer = DenoiserServicer(engine, VaeCodec(runtime.store, cache, limits=engine.limits), cache, executor, slots)
+    codec = VaeCodec(runtime.store, cache, limits=engine.limits, max_batch=engine.max_batch)
+    servicer = DenoiserServicer(engine, codec, cache, executor, slots)
     runtime.advertise("denoiser", servicer.worker_info)
     runtime.on_drain(servicer.drain)
     return [Mount(servicer, denoiser_pb2_grpc.add_DenoiserServicer_to_server, "baton.v1.Denoiser")]

@@ -15,6 +15,7 @@ from services.common.family_defaults import DEFAULTS, IMG2IMG, INPAINT
 from services.common.family_defaults import FROM_NOISE as FROM_NOISE
 from services.common.family_defaults import TXT2IMG as TXT2IMG
 from services.common.latent_spaces import LatentSpace
+from services.denoiser.batching import NetCall
 from services.denoiser.window import DenoiseWindow, strength_begin
 
 if TYPE_CHECKING:
@@ -58,6 +59,12 @@ class WindowJob:
     resume: Checkpoint | None = None
 
 
+def prompt_key(job: WindowJob, *more: object) -> tuple:
+    """What a window's text encoding depends on (PromptCache's key, with the family and device)."""
+    texts = (job.prompt, job.negative_prompt, job.prompt_2, job.negative_prompt_2, job.prompt_3, job.negative_prompt_3)
+    return (*texts, job.max_sequence_length, job.num_images, *more)
+
+
 @dataclass
 class WindowResult:
     latents: torch.Tensor
@@ -77,6 +84,11 @@ class StepHooks:
 
     def inside(self) -> None:
         """Called before every block of the window's networks (interrupt.py): may raise to cancel."""
+
+    def forward(self, call: NetCall) -> torch.Tensor:
+        """The denoising network's output for this step's call: alone here, or in a forward shared
+        with the other windows in flight on the model (batching.py)."""
+        return call.alone()
 
     def after(
         self,

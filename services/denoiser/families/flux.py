@@ -16,6 +16,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from services.common.errors import FailedPrecondition
 from services.common.latent_spaces import LatentSpace, get_space
+from services.denoiser.batching import NetCall
 from services.denoiser.checkpoints import resume_window
 from services.denoiser.families.base import (
     CONTINUE,
@@ -26,6 +27,7 @@ from services.denoiser.families.base import (
     StepHooks,
     WindowJob,
     WindowResult,
+    prompt_key,
 )
 from services.denoiser.families.flow import FlowFamily
 
@@ -62,17 +64,19 @@ class Flux(FlowFamily):
             raise FailedPrecondition("inpainting is not supported for Flux models yet", field="mask")
         device = model.device
         kind = "img2img" if job.mode in (IMG2IMG, CONTINUE) else "txt2img"
-        pipe = model.variant(kind, self.pipeline_classes[kind])
+        pipe = model.window_pipe(kind, self.pipeline_classes[kind])
         scheduler = pipe.scheduler = job.scheduler
         gen = torch.Generator("cpu").manual_seed(job.seed)
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
-        embeds, pooled, text_ids = pipe.encode_prompt(
+        encode = functools.partial(
+            pipe.encode_prompt,
             prompt=job.prompt,
             prompt_2=job.prompt_2 or None,
             device=device,
             num_images_per_prompt=job.num_images,
             max_sequence_length=job.max_sequence_length or 512,
         )
+        embeds, pooled, text_ids = model.prompts.encode(prompt_key(job, self.name, str(device)), encode)
         dtype = embeds.dtype
         channels = pipe.transformer.config.in_channels // 4
         vsf = pipe.vae_scale_factor
@@ -83,8 +87,10 @@ class Flux(FlowFamily):
             )
         mu = self.mu(pipe, job)
         # FluxPipeline's own sigmas, unless the scheduler makes its own flow sigmas.
-        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / job.steps, job.steps)
-        scheduler.set_timesteps(job.steps, device=device, sigmas=sigmas, mu=mu)
+        # (DPM++ on flow sigmas takes no `sigmas` argument at all.)
+        own_sigmas = scheduler.config.get("use_flow_sigmas")
+        sigmas = {} if own_sigmas else {"sigmas": np.linspace(1.0, 1 / job.steps, job.steps)}
+        scheduler.set_timesteps(job.steps, device=device, mu=mu, **sigmas)
         begin, stop = self.window_indices(job, scheduler)
         scheduler.set_begin_index(begin)
         if job.restore_state is not None:
@@ -108,16 +114,10 @@ class Flux(FlowFamily):
         for i, t in enumerate(window[skip:], start=skip):
             hooks.before(i, len(window))
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            v = pipe.transformer(
-                hidden_states=latents,
-                timestep=timestep / 1000,
-                guidance=embedded,
-                pooled_projections=pooled,
-                encoder_hidden_states=embeds,
-                txt_ids=text_ids,
-                img_ids=image_ids,
-                return_dict=False,
-            )[0]
+            rows = {"hidden_states": latents, "timestep": timestep / 1000, "guidance": embedded}
+            rows |= {"pooled_projections": pooled, "encoder_hidden_states": embeds}
+            # The rotary ids are one [tokens, 3] tensor for every row: batchmates must have equal ones.
+            v = hooks.forward(NetCall(pipe.transformer, rows, same={"txt_ids": text_ids, "img_ids": image_ids}))
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
             preview = functools.partial(pipe._unpack_latents, latents, job.height, job.width, vsf)
             hooks.after(i, len(window), float(t), latents, scheduler, preview=preview)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from services.common.errors import FailedPrecondition
 from services.common.latent_spaces import LatentSpace, get_space
+from services.denoiser.batching import NetCall
 from services.denoiser.checkpoints import resume_window
 from services.denoiser.families.base import (
     CONTINUE,
@@ -20,6 +22,7 @@ from services.denoiser.families.base import (
     StepHooks,
     WindowJob,
     WindowResult,
+    prompt_key,
 )
 from services.denoiser.families.flow import FlowFamily
 
@@ -56,12 +59,13 @@ class SD3(FlowFamily):
             raise FailedPrecondition("inpainting is not supported for SD3 models yet", field="mask")
         device = model.device
         kind = "img2img" if job.mode in (IMG2IMG, CONTINUE) else "txt2img"
-        pipe = model.variant(kind, self.pipeline_classes[kind])
+        pipe = model.window_pipe(kind, self.pipeline_classes[kind])
         scheduler = pipe.scheduler = job.scheduler
         gen = torch.Generator("cpu").manual_seed(job.seed)
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
         do_cfg = guidance > 1
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        encode = functools.partial(
+            pipe.encode_prompt,
             prompt=job.prompt,
             prompt_2=job.prompt_2 or None,
             prompt_3=job.prompt_3 or None,
@@ -73,6 +77,8 @@ class SD3(FlowFamily):
             negative_prompt_3=job.negative_prompt_3 or None,
             max_sequence_length=job.max_sequence_length or 256,
         )
+        key = prompt_key(job, self.name, str(device), do_cfg)
+        embeds, negative, pooled, negative_pooled = model.prompts.encode(key, encode)
         if do_cfg:
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         dtype = embeds.dtype
@@ -98,13 +104,10 @@ class SD3(FlowFamily):
         for i, t in enumerate(window[skip:], start=skip):
             hooks.before(i, len(window))
             x = torch.cat([latents] * 2) if do_cfg else latents
-            v = pipe.transformer(
-                hidden_states=x,
-                timestep=t.expand(x.shape[0]),
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
+            rows = {"hidden_states": x, "timestep": t.expand(x.shape[0])}
+            v = hooks.forward(
+                NetCall(pipe.transformer, {**rows, "encoder_hidden_states": embeds, "pooled_projections": pooled})
+            )
             if do_cfg:
                 uncond, text = v.chunk(2)
                 v = uncond + guidance * (text - uncond)

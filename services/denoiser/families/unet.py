@@ -16,6 +16,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from services.common.latent_spaces import LatentSpace, get_space
+from services.denoiser.batching import NetCall
 from services.denoiser.checkpoints import resume_window
 from services.denoiser.families.base import (
     CONTINUE,
@@ -27,6 +28,7 @@ from services.denoiser.families.base import (
     StepHooks,
     WindowJob,
     WindowResult,
+    prompt_key,
 )
 
 PIPELINE_FOR_MODE = {
@@ -70,7 +72,7 @@ class UNetFamily(Family):
 
     def pipeline(self, model: Any, mode: str) -> Any:
         kind = PIPELINE_FOR_MODE[mode]
-        return model.variant(kind, self.pipeline_classes[kind])
+        return model.window_pipe(kind, self.pipeline_classes[kind])
 
     def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
         device = model.device
@@ -83,7 +85,8 @@ class UNetFamily(Family):
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
         do_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
 
-        embeds, extras = self.encode_prompt(pipe, job, device, do_cfg)
+        key = prompt_key(job, self.name, str(device), do_cfg)
+        embeds, extras = model.prompts.encode(key, lambda: self.encode_prompt(pipe, job, device, do_cfg))
         dtype = embeds.dtype
         scheduler.set_timesteps(job.steps, device=device)
         begin, stop = self.window_indices(job, scheduler)
@@ -125,14 +128,8 @@ class UNetFamily(Family):
             x = scheduler.scale_model_input(x, t)
             if inpaint is not None and inpaint.masked_image_latents is not None:
                 x = torch.cat([x, inpaint.mask, inpaint.masked_image_latents], dim=1)
-            noise_pred = pipe.unet(
-                x,
-                t,
-                encoder_hidden_states=embeds,
-                timestep_cond=timestep_cond,
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0]
+            rows = {"sample": x, "timestep": t, "encoder_hidden_states": embeds, "timestep_cond": timestep_cond}
+            noise_pred = hooks.forward(NetCall(pipe.unet, {**rows, "added_cond_kwargs": added}))
             if do_cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + guidance * (text - uncond)
