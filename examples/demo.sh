@@ -12,7 +12,13 @@ if [ -z "${BATON_MODELS:-}" ]; then
   echo "using tiny random models: $BATON_MODELS"
 fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-for spec in examples/sd1-two-model.yaml examples/sdxl-base-second.yaml examples/flux-two-model.yaml; do
+SPECS="examples/sd1-two-model.yaml examples/sdxl-base-second.yaml examples/flux-two-model.yaml"
+if [ "${TINY_MODELS:-models/tiny}" = "models/tiny" ] && [ -f models/tiny/loras/sdxl-second-style.safetensors ]; then
+  # The LoRA example names the random LoRA demo-models made; the denoiser may read it from there.
+  export BATON_ADAPTER_SOURCES="${BATON_ADAPTER_SOURCES:-$(pwd)/models/tiny}"
+  SPECS="$SPECS examples/sdxl-lora-second.yaml"
+fi
+for spec in $SPECS; do
   name=$(basename "$spec" .yaml)
   echo "== $spec -> $OUT/$name"
   "$BATON" run "$spec" --out "$OUT/$name"

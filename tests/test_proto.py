@@ -29,7 +29,16 @@ def test_every_service_of_the_v1_api_is_defined():
         ]
     }
     assert methods == {
-        "Denoiser": ["Denoise", "Encode", "Decode", "ListModels", "InspectModel", "LoadModel", "UnloadModel"],
+        "Denoiser": [
+            "Denoise",
+            "Encode",
+            "Decode",
+            "ListModels",
+            "InspectModel",
+            "LoadModel",
+            "UnloadModel",
+            "InspectAdapter",
+        ],
         "Interposer": ["Convert", "ListConversions"],
         "Processor": ["Process", "ListProcessors"],
         "Gateway": [

@@ -24,9 +24,16 @@ PIPELINES = {
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
+    "kolors": "KolorsPipeline",
 }
 # 64 px with the tiny VAEs' factor of 2: 32x32 latents (Flux packs them into 256 tokens of 64).
-LATENT_SHAPES = {"sd1": [1, 4, 32, 32], "sdxl": [1, 4, 32, 32], "sd3": [1, 16, 32, 32], "flux": [1, 256, 64]}
+LATENT_SHAPES = {
+    "sd1": [1, 4, 32, 32],
+    "sdxl": [1, 4, 32, 32],
+    "sd3": [1, 16, 32, 32],
+    "flux": [1, 256, 64],
+    "kolors": [1, 4, 32, 32],
+}
 
 # Loads every family through DiffusionPipeline in a fresh process, where HF_HUB_OFFLINE is read at import.
 RUN_OFFLINE = """
@@ -155,13 +162,32 @@ def test_two_steps_give_finite_latents_of_the_family_shape(family, offline_runs)
     assert run["std"] > 0
 
 
-def test_build_in_another_process_is_byte_identical(tmp_path):
-    build("sd3", tmp_path / "here")
-    script = "import sys; from services.devkit.tiny_models import build; print(build('sd3', sys.argv[1]))"
-    _python(script, str(tmp_path / "there"), PYTHONHASHSEED="12345", OMP_NUM_THREADS="1")
+@pytest.mark.parametrize("family", ["sd3", "kolors"])
+def test_build_in_another_process_is_byte_identical(tmp_path, family):
+    build(family, tmp_path / "here")
+    script = "import sys; from services.devkit.tiny_models import build; print(build(sys.argv[1], sys.argv[2]))"
+    _python(script, family, str(tmp_path / "there"), PYTHONHASHSEED="12345", OMP_NUM_THREADS="1")
     here, there = _digests(tmp_path / "here"), _digests(tmp_path / "there")
     assert any(name.endswith(".safetensors") for name in here)
     assert here == there
+
+
+def test_kolors_tokenizer_pads_left_and_prefixes_chatglms_gmask_sop(tiny_root):
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer.from_pretrained(tiny_root / "kolors" / "tokenizer")
+    ids = tokenizer("a photo of a cat", padding="max_length", max_length=16).input_ids
+    start = ids.index(tokenizer.get_command("[gMASK]"))
+    assert len(ids) == 16 and set(ids[:start]) == {tokenizer.pad_token_id}
+    assert ids[start + 1] == tokenizer.get_command("sop")
+    assert len(ids[start + 2 :]) == 5, "each prompt word is one sentencepiece piece"
+
+
+def test_kolors_unet_projects_chatglm_states_to_its_cross_attention_width(tiny_root):
+    unet = json.loads((tiny_root / "kolors" / "unet" / "config.json").read_text())
+    glm = json.loads((tiny_root / "kolors" / "text_encoder" / "config.json").read_text())
+    assert (unet["encoder_hid_dim_type"], unet["encoder_hid_dim"]) == ("text_proj", glm["hidden_size"])
+    assert unet["projection_class_embeddings_input_dim"] == 6 * unet["addition_time_embed_dim"] + glm["hidden_size"]
 
 
 def test_seed_changes_the_weights(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-FAMILIES = ("sd1", "sdxl", "sd3", "flux")
+FAMILIES = ("sd1", "sdxl", "sd3", "flux", "kolors")
 # The model names the example specs use, and the tiny model each maps to: two of each family,
 # `a` and `b` built from different weight seeds so that a handoff really changes model.
 DEMO_ALIASES = {
@@ -16,13 +16,16 @@ DEMO_ALIASES = {
     "flux-b": ("b", "flux"),
 }
 
+# A random LoRA for sdxl-second, under DIR/loras: what examples/sdxl-lora-second.yaml names.
+DEMO_LORA = "sdxl-second-style.safetensors"
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("dev", help="developer tools (tiny random models, ...)")
     tools = p.add_subparsers(dest="tool", metavar="<tool>", required=True)
     tiny = tools.add_parser(
         "tiny-models",
-        help="build tiny random SD 1.x / SDXL / SD3 / Flux pipelines into DIR/<family>",
+        help="build tiny random SD 1.x / SDXL / SD3 / Flux / Kolors pipelines into DIR/<family>",
         description="Build randomly initialised diffusers pipelines offline (no downloads), one folder per "
         "family, loadable like any diffusers folder. Lets you try Baton without weights.",
     )
@@ -36,7 +39,8 @@ def register(subparsers) -> None:
     demo = tools.add_parser(
         "demo-models",
         help="build the tiny models the examples name and print the BATON_MODELS line for them",
-        description="Build (once) tiny random SD 1.x, SDXL and Flux pipelines under DIR/a and DIR/b and print the "
+        description="Build (once) tiny random SD 1.x, SDXL and Flux pipelines under DIR/a and DIR/b (and a LoRA "
+        "for the second SDXL model under DIR/loras) and print the "
         "BATON_MODELS value that maps the example specs' names (sd1-a, sdxl-base, flux-b, ...) to them: "
         'export BATON_MODELS="$(baton dev demo-models models/tiny)" before `baton up`.',
     )
@@ -63,5 +67,10 @@ def run_demo_models(args: argparse.Namespace) -> int:
             from services.devkit.tiny_models import build
 
             build(family, root / half / family, seed=0 if half == "a" else 1)
+    style = root / "loras" / DEMO_LORA
+    if not style.is_file():  # the LoRA examples/sdxl-lora-second.yaml puts on sdxl-second
+        from services.devkit.tiny_adapters import make_lora
+
+        make_lora(root / "b" / "sdxl", style.parent, seed=11, text_encoders=False, weight_name=DEMO_LORA)
     print(",".join(f"{alias}={root / half / family}" for alias, (half, family) in DEMO_ALIASES.items()))
     return 0

@@ -36,11 +36,17 @@ DEFAULTS = {
     "sdxl": FamilyDefaults(
         guidance=5.0, img2img_guidance=5.0, inpaint_guidance=7.5, strength=0.3, inpaint_strength=0.9999
     ),
+    # KolorsPipeline and KolorsImg2ImgPipeline 5.0, strength 0.3. diffusers has no Kolors inpainting pipeline;
+    # Kwai-Kolors' own is SDXL's inpainting pipeline with Kolors' prompts, and keeps its 7.5 and 0.9999.
+    "kolors": FamilyDefaults(
+        guidance=5.0, img2img_guidance=5.0, inpaint_guidance=7.5, strength=0.3, inpaint_strength=0.9999
+    ),
+    # StableDiffusion3Pipeline, its img2img and its inpainting pipeline: 7.0; strength 0.6 for both.
     "sd3": FamilyDefaults(
         guidance=7.0, img2img_guidance=7.0, inpaint_guidance=7.0, strength=0.6, inpaint_strength=0.6, flow=True
     ),
-    # FluxImg2ImgPipeline's default guidance differs from FluxPipeline's.
+    # FluxPipeline 3.5; FluxImg2ImgPipeline and FluxInpaintPipeline 7.0, strength 0.6.
     "flux": FamilyDefaults(
-        guidance=3.5, img2img_guidance=7.0, inpaint_guidance=3.5, strength=0.6, inpaint_strength=0.6, flow=True
+        guidance=3.5, img2img_guidance=7.0, inpaint_guidance=7.0, strength=0.6, inpaint_strength=0.6, flow=True
     ),
 }

@@ -5,8 +5,9 @@ Each window runs in its own thread as before: it prepares its inputs, steps its 
 pass is shared. A window hands its step's inputs to the model's StepBatcher as a NetCall and
 waits; the batcher groups the calls that can share a forward (the same network and the same
 shapes, dtype and arguments after the batch dimension: so the same resolution, guidance mode and
-prompt length), concatenates their per-sample inputs along the batch dimension, runs one forward,
-and hands each window its own rows back. Classifier-free guidance halves stay each window's own
+prompt length; and the same LoRAs at the same weights, adapters.py), concatenates their
+per-sample inputs along the batch dimension, runs one forward, and hands each window its own
+rows back. Classifier-free guidance halves stay each window's own
 rows, so they batch too.
 
 Windows step in lockstep: a batch starts once every window that has begun stepping has its next
@@ -57,6 +58,9 @@ class NetCall:
     # Cuts a shared forward's output into each call's part, given their row counts, where the
     # output is not one tensor (a VAE's posterior); calls on one network share it.
     split: Callable[[Any, list[int]], list[Any]] | None = None
+    # The adapters (LoRAs) the network runs with for this call, set before its forward: an object
+    # with `apply(network)`, hashable (adapters.ActiveLoras); batchmates have equal ones.
+    adapters: Any = None
 
     @property
     def size(self) -> int:
@@ -71,10 +75,12 @@ class NetCall:
         where a batch forms: StepBatcher._chunks)."""
         rows = tuple(sorted((name, _signature(value)) for name, value in _flat(self.rows)))
         same = tuple(sorted((name, _signature(value, whole=True)) for name, value in self.same.items()))
-        return id(self.network), rows, same
+        return id(self.network), rows, same, self.adapters
 
     def alone(self) -> torch.Tensor:
         """The forward as the window would run it without batching."""
+        if self.adapters is not None:
+            self.adapters.apply(self.network)
         return self.network(**self.rows, **self.same, return_dict=False)[0]
 
 
@@ -83,6 +89,8 @@ def forward(calls: list[NetCall]) -> list[torch.Tensor]:
     if len(calls) == 1:
         return [calls[0].alone()]
     sizes = [call.size for call in calls]
+    if calls[0].adapters is not None:
+        calls[0].adapters.apply(calls[0].network)
     rows = _concat([call.rows for call in calls], sizes)
     out = calls[0].network(**rows, **calls[0].same, return_dict=False)[0]
     if calls[0].split is not None:
@@ -177,6 +185,20 @@ class StepBatcher:
         finally:
             with self._cond:
                 self._members.discard(member)
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """No forward runs while the block does (loading an adapter changes the network's layers)."""
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
                 self._cond.notify_all()
 
     @property

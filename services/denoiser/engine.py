@@ -33,6 +33,8 @@ from services.common.rules import denoise as rules
 from services.common.rules.scheduler import check_scheduler
 from services.common.tensors import check_finite
 from services.denoiser import checkpoints, interrupt, metrics, schedulers
+from services.denoiser.adapter_files import AdapterFiles
+from services.denoiser.adapters import ActiveLoras, ModelAdapters, TextAdapters, WindowAdapters
 from services.denoiser.batching import Member, NetCall, SampleBudget, StepBatcher
 from services.denoiser.cache import ModelCache
 from services.denoiser.checkpoints import CheckpointWriter, WindowCheckpoints
@@ -94,9 +96,12 @@ class EngineHooks(StepHooks):
         self.member: Member | None = None
         # Held while the window prepares (text encoders, VAE), released at its first forward.
         self.preparing: threading.Lock | None = None
+        # The window's LoRAs: every forward runs with them (adapters.py).
+        self.loras = ActiveLoras()
 
     def forward(self, call: NetCall) -> torch.Tensor:
         self.prepared()
+        call.adapters = self.loras
         return self.member.forward(call) if self.member is not None else call.alone()
 
     def prepared(self) -> None:
@@ -168,13 +173,15 @@ class DenoiseEngine:
         max_batch: int = 0,
         batch_wait_s: float = 0.0,
         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+        adapter_files: AdapterFiles | None = None,
     ):
         """`checkpoint_every`: window steps between checkpoints (0: only at a drain's hand-off); the
         service's `checkpoint-every` setting says what a good value costs. `limits`: the cluster's
         limits, applied to every request as the gateway applies them at Submit. `max_batch`:
         samples per shared forward (batching.py; 0: from the device, 1: no batching: windows on
         one model take turns, each whole); `batch_wait_s`: how long a batch waits to fill;
-        `prompt_cache_bytes`: each model's prompt-embedding cache (prompt_cache.py; 0: off)."""
+        `prompt_cache_bytes`: each model's prompt-embedding cache (prompt_cache.py; 0: off).
+        `adapter_files`: where LoRAs and embeddings may come from (None: anywhere)."""
         self.store = store
         self.cache = cache
         self.limits = limits
@@ -187,6 +194,7 @@ class DenoiseEngine:
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
         self.prompt_cache_bytes = prompt_cache_bytes
+        self.adapter_files = adapter_files or AdapterFiles()
         self._batchers = threading.Lock()
 
     @property
@@ -223,6 +231,9 @@ class DenoiseEngine:
             model.prompts.max_bytes, model.prompts.model = self.prompt_cache_bytes, model.name
             incoming = read_latents(self.store, req.latents, req.model, model)
             job, caps = self._job(req, model, window, incoming)
+            wanted = None
+            if req.loras or req.textual_inversions:
+                wanted = WindowAdapters.read(self.adapter_files, model, req.loras, req.textual_inversions)
             saving = self._checkpoints(req, model, job, caps)
             timing = WindowTiming(req.model, job.width, job.height)
             hooks = EngineHooks(
@@ -237,8 +248,17 @@ class DenoiseEngine:
                     model.lock.acquire()
                     hooks.preparing = model.lock
                     running.callback(hooks.prepared)
+                    exclusive: Callable[[], contextlib.AbstractContextManager[Any]] = self.batcher(model).exclusive
                 else:
                     running.enter_context(model.lock)
+                    exclusive = contextlib.nullcontext
+                if model.adapters is None:
+                    model.adapters = ModelAdapters()
+                if wanted is not None:  # LoRAs load once per model (with no forward running on it)
+                    hooks.loras = model.adapters.activate(model, wanted.loras, exclusive)
+                    running.callback(model.adapters.release, hooks.loras)
+                text = wanted.text(hooks.loras) if wanted is not None else TextAdapters()
+                running.enter_context(text.encoding(model.pipe))
                 running.enter_context(torch.no_grad())
                 running.enter_context(interrupt.checked(model.family.networks(model), hooks.inside))
                 result = model.family.run(model, job, hooks)
@@ -259,6 +279,7 @@ class DenoiseEngine:
         rules.check_text({f: getattr(req, f) for f in rules.PROMPTS}, req.max_sequence_length, limits)
         rules.check_preview_every(req.preview_every)
         rules.check_num_images(req.num_images, limits)
+        rules.check_adapters(req)
         rules.check_sources(
             bool(req.latents.blob.key), bool(req.image.key), bool(req.mask.key), _optional(req, "denoising_start")
         )

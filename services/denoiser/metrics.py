@@ -46,6 +46,9 @@ RESIDENT_BYTES = Gauge("baton_models_resident_bytes", "Parameter bytes of the mo
 PROMPT_HITS = Counter(
     "baton_prompt_cache_hits", "Prompt encodings served from the model's prompt-embedding cache", ["model"]
 )
+ADAPTER_LOADS = Counter(
+    "baton_adapter_loads", "Adapters loaded into a model (a LoRA once per model and file)", ["kind"]
+)
 PROMPT_MISSES = Counter("baton_prompt_cache_misses", "Prompt encodings the text encoders ran", ["model"])
 BATCHED_FORWARDS = Counter(
     "baton_denoise_forwards", "Forward passes of the denoising network, by how many windows shared one", ["windows"]
@@ -156,3 +159,7 @@ def prompt_cache_miss(model: str) -> None:
 def forward_shared(windows: int) -> None:
     """A forward that served `windows` windows (1: alone; larger ones are capped at 16+)."""
     BATCHED_FORWARDS.labels(str(windows) if windows < 16 else "16+").inc()
+
+
+def adapter_loaded(kind: str) -> None:
+    ADAPTER_LOADS.labels(kind).inc()

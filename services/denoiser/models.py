@@ -74,6 +74,8 @@ class LoadedModel:
     batcher: Any = None
     # Encode and Decode requests on this model share VAE forwards here (codec.py); made on first use.
     vae_batcher: Any = None
+    # The LoRAs loaded into this model (adapters.ModelAdapters); made by the engine on first use.
+    adapters: Any = None
     # Text-encoder outputs by what they encoded (prompt_cache.py); encoding runs under its lock.
     prompts: PromptCache = field(default_factory=PromptCache)
     _variants_lock: threading.Lock = field(default_factory=threading.Lock)

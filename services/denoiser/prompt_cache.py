@@ -10,13 +10,19 @@ handed to every window that asks: windows read them and never write them.
 Encoding also runs under the cache's lock: Hugging Face's fast tokenizers set their padding and
 truncation on the shared Rust tokenizer for each call, so two windows tokenizing at once (they do,
 now that windows on one model run together) can get each other's padding.
+
+What else an encoding depends on (a window's textual inversions and text-encoder LoRAs:
+adapters.py) comes from `encoding_with`, set around the window: it joins the key, and its
+context manager runs around the encoders on a miss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
@@ -25,6 +31,20 @@ from services.denoiser import metrics
 
 T = TypeVar("T")
 DEFAULT_BYTES = 256 << 20
+
+_with: ContextVar[tuple[Hashable, Callable[[], contextlib.AbstractContextManager[Any]]] | None] = ContextVar(
+    "encoding_with", default=None
+)
+
+
+@contextlib.contextmanager
+def encoding_with(key: Hashable, around: Callable[[], contextlib.AbstractContextManager[Any]]) -> Iterator[None]:
+    """The encodings in this block (this thread) depend on `key` too and run inside `around()`."""
+    token = _with.set((key, around))
+    try:
+        yield
+    finally:
+        _with.reset(token)
 
 
 def tensor_bytes(value: Any) -> int:
@@ -48,13 +68,20 @@ class PromptCache:
 
     def encode(self, key: Hashable, encode: Callable[[], T]) -> T:
         """The cached outputs for `key`, or `encode()`'s, kept when they fit."""
+        extra = _with.get()
+        if extra is not None:
+            key = (key, extra[0])
         with self._lock:
             found = self._entries.get(key)
             if found is not None:
                 self._entries.move_to_end(key)
                 metrics.prompt_cache_hit(self.model)
                 return found[0]
-            value = encode()
+            if extra is None:
+                value = encode()
+            else:
+                with extra[1]():
+                    value = encode()
             metrics.prompt_cache_miss(self.model)
             size = tensor_bytes(value)
             if size <= self.max_bytes:

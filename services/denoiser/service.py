@@ -52,6 +52,12 @@ SETTINGS = service_settings(
             "source must resolve inside one), hub:org/*, hub:org/name, hub:*; empty = configured models only",
         ),
         Setting(
+            "adapter-sources",
+            "",
+            "sources LoRAs and textual-inversion embeddings may come from, as model-sources spells them; "
+            "empty = the model-sources setting's",
+        ),
+        Setting(
             "concurrency",
             1,
             "windows (and encodes/decodes) run at once; the windows on one model share each step's forward (max-batch)",
@@ -89,17 +95,18 @@ def parse_aliases(text: str) -> dict[str, str]:
     return aliases
 
 
-def parse_sources(text: str, configured: Iterable[str]) -> model_sources.ModelSources:
+def parse_sources(text: str, configured: Iterable[str], env: str = model_sources.ENV) -> model_sources.ModelSources:
     try:
         return model_sources.ModelSources.parse(text, configured)
     except ValueError as exc:
-        raise SystemExit(f"{model_sources.ENV}: {exc}") from None
+        raise SystemExit(f"{env}: {exc}") from None
 
 
 def build(settings, runtime) -> list[Mount]:
     import torch
 
     from services.common.admission import WorkSlots
+    from services.denoiser.adapter_files import AdapterFiles
     from services.denoiser.cache import ModelCache
     from services.denoiser.codec import VaeCodec
     from services.denoiser.engine import DenoiseEngine
@@ -142,6 +149,9 @@ def build(settings, runtime) -> list[Mount]:
         max_batch=settings.max_batch,
         batch_wait_s=settings.batch_wait_ms / 1000,
         prompt_cache_bytes=settings.prompt_cache_mb << 20,
+        adapter_files=AdapterFiles(
+            parse_sources(settings.adapter_sources or settings.model_sources, [], "BATON_ADAPTER_SOURCES")
+        ),
     )
     slots = WorkSlots(settings.concurrency, settings.max_queued, on_change=runtime.nudge)
     codec = VaeCodec(runtime.store, cache, limits=engine.limits, max_batch=engine.max_batch)

@@ -22,6 +22,7 @@ from services.common.api.baton.v1 import denoiser_pb2_grpc
 from services.common.api.baton.v1 import workers_pb2 as wpb
 from services.common.auth import ADMIN, requires
 from services.common.errors import Cancelled, DeadlineExceeded, Draining
+from services.denoiser.adapter_check import AdapterInspector
 from services.denoiser.cache import AVAILABLE, OFFLOADED, READY, ModelCache
 from services.denoiser.codec import VaeCodec
 from services.denoiser.engine import DenoiseEngine
@@ -49,6 +50,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self.engine = engine
         self.codec = codec
         self.cache = cache
+        self.adapters = AdapterInspector(cache, engine.adapter_files)
         self.executor = executor
         # Denoise, Encode and Decode share the executor, so they share its slots and queue.
         self.slots = slots
@@ -180,6 +182,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     async def InspectModel(self, request, context):
         card = await self._run(self.cache.inspect, request.model)
         return model_info(card, AVAILABLE)
+
+    async def InspectAdapter(self, request, context):
+        # Beside the windows, not in their executor: reading a file and building layers on the
+        # meta device does no compute, and Submit must not wait for a running window.
+        return await asyncio.to_thread(self.adapters.inspect, request)
 
     @requires(ADMIN)  # changes what the worker holds
     async def LoadModel(self, request, context):

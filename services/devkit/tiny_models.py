@@ -1,4 +1,4 @@
-"""Build randomly initialised SD 1.x, SDXL, SD3 and Flux pipelines offline and save them with `save_pretrained`.
+"""Build randomly initialised SD 1.x, SDXL, Kolors, SD3 and Flux pipelines offline and save them with `save_pretrained`.
 
 Configs mirror diffusers' own test components ("tiny") or scale them up for benchmarks ("medium"); latent
 channel counts are always the real ones. Same family, size and seed give byte-identical safetensors.
@@ -7,11 +7,13 @@ Run as `baton dev tiny-models DIR` or `python -m services.devkit.tiny_models DIR
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import sentencepiece
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -19,12 +21,15 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    KolorsPipeline,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
+from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, RMSNorm
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -36,13 +41,13 @@ from transformers import (
 )
 
 from services.common.errors import InvalidArgument
-from services.devkit.tiny_tokenizers import clip_tokenizer, t5_tokenizer
+from services.devkit.tiny_tokenizers import CORPUS, clip_tokenizer, t5_tokenizer
 
 SIZES = ("tiny", "medium")
 T = TypeVar("T")
 
 # Each family draws from its own seed range so that, say, sd1 and sdxl never share weights.
-_SEED_BASE = {"sd1": 0, "sdxl": 1000, "sd3": 2000, "flux": 3000}
+_SEED_BASE = {"sd1": 0, "sdxl": 1000, "sd3": 2000, "flux": 3000, "kolors": 4000}
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,17 @@ class T5Shape:
 
 
 @dataclass(frozen=True)
+class GlmShape:
+    hidden: int
+    ffn: int
+    heads: int
+    kv_channels: int
+    layers: int
+    # ChatGLM3 shares keys and values across groups of heads (multi-query attention).
+    groups: int
+
+
+@dataclass(frozen=True)
 class VaeShape:
     # Two blocks downscale by 2 (exposing hard-coded 8s); four by 8, like real VAEs.
     channels: tuple[int, ...]
@@ -75,6 +91,7 @@ class VaeShape:
 _CLIP = {"tiny": ClipShape(32, 37, 4, 2, 32), "medium": ClipShape(128, 512, 4, 4, 128)}
 # Real SDXL's second encoder (OpenCLIP bigG) is the wider one, projecting at its own width.
 _CLIP_WIDE = {"tiny": _CLIP["tiny"], "medium": ClipShape(256, 1024, 4, 4, 256)}
+_GLM = {"tiny": GlmShape(32, 37, 4, 8, 2, 2), "medium": GlmShape(256, 512, 8, 32, 4, 2)}
 _T5 = {"tiny": T5Shape(32, 37, 8, 4, 2, 8), "medium": T5Shape(256, 512, 32, 8, 4, 32)}
 _VAE = {"tiny": VaeShape((32, 64), 1, 64), "medium": VaeShape((32, 64, 128, 128), 2, 512)}
 
@@ -200,15 +217,10 @@ def build_sd1(out_dir: Path, *, size: str = "tiny", seed: int = 0) -> Path:
     return _save(pipe, out_dir)
 
 
-def build_sdxl(out_dir: Path, *, size: str = "tiny", seed: int = 0) -> Path:
-    """A random StableDiffusionXLPipeline (two CLIP encoders, text_time conditioning) saved into out_dir."""
-    _check_size(size)
-    base = _SEED_BASE["sdxl"] + seed
-    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
-    text_config, text_config_2 = _clip_config(tokenizer, _CLIP[size]), _clip_config(tokenizer_2, _CLIP_WIDE[size])
-    unet_config: dict[str, Any]
+def _sdxl_unet(size: str) -> dict[str, Any]:
+    """The SDXL-shaped UNet's config (SDXL, Kolors) without its conditioning widths."""
     if size == "tiny":
-        unet_config = dict(
+        return dict(
             block_out_channels=(32, 64),
             layers_per_block=1,
             sample_size=32,
@@ -218,17 +230,25 @@ def build_sdxl(out_dir: Path, *, size: str = "tiny", seed: int = 0) -> Path:
             transformer_layers_per_block=(1, 2),
             addition_time_embed_dim=8,
         )
-    else:
-        unet_config = dict(
-            block_out_channels=(64, 128, 256),
-            layers_per_block=2,
-            sample_size=64,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4, 8),
-            transformer_layers_per_block=(1, 2, 2),
-            addition_time_embed_dim=32,
-        )
+    return dict(
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        sample_size=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 2, 2),
+        addition_time_embed_dim=32,
+    )
+
+
+def build_sdxl(out_dir: Path, *, size: str = "tiny", seed: int = 0) -> Path:
+    """A random StableDiffusionXLPipeline (two CLIP encoders, text_time conditioning) saved into out_dir."""
+    _check_size(size)
+    base = _SEED_BASE["sdxl"] + seed
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    text_config, text_config_2 = _clip_config(tokenizer, _CLIP[size]), _clip_config(tokenizer_2, _CLIP_WIDE[size])
+    unet_config = _sdxl_unet(size)
     # Six time ids (original size, crop, target size), each embedded, plus the pooled text embedding.
     add_embed_dim = 6 * unet_config["addition_time_embed_dim"] + text_config_2.projection_dim
     unet = _seeded(
@@ -253,6 +273,101 @@ def build_sdxl(out_dir: Path, *, size: str = "tiny", seed: int = 0) -> Path:
         scheduler=_sd_scheduler(),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
+    )
+    return _save(pipe, out_dir)
+
+
+def _chatglm_tokenizer(folder: Path, vocab: int = 300) -> ChatGLMTokenizer:
+    """ChatGLM's tokenizer over a BPE sentencepiece model learnt from the prompt corpus, written to
+    folder/tokenizer.model (the same bytes in every process: one thread, no sampling)."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.strip().splitlines()),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab,
+        num_threads=1,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    # The tokenizer reads its model from a file, and save_pretrained copies that file: it is written
+    # where the saved pipeline keeps it.
+    path = folder / ChatGLMTokenizer.vocab_files_names["vocab_file"]
+    path.write_bytes(model.getvalue())
+    return ChatGLMTokenizer(vocab_file=str(path))
+
+
+def _chatglm(tokenizer: ChatGLMTokenizer, size: str, seed: int) -> ChatGLMModel:
+    shape = _GLM[size]
+    config = ChatGLMConfig(
+        num_layers=shape.layers,
+        # The tokenizer numbers its special tokens ([gMASK], sop, ...) after the sentencepiece pieces.
+        padded_vocab_size=tokenizer.vocab_size,
+        hidden_size=shape.hidden,
+        ffn_hidden_size=shape.ffn,
+        kv_channels=shape.kv_channels,
+        num_attention_heads=shape.heads,
+        # Rotary positions for Kolors' 256-token prompts.
+        seq_length=256,
+        multi_query_attention=True,
+        multi_query_group_num=shape.groups,
+        add_qkv_bias=True,
+        original_rope=True,
+        use_cache=False,
+    )
+
+    def make() -> ChatGLMModel:
+        model = ChatGLMModel(config, empty_init=False)
+        # RMSNorm leaves its weight uninitialised (torch.empty): set it as a fresh norm would be.
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                torch.nn.init.ones_(module.weight)
+        return model
+
+    return _seeded(seed, make)
+
+
+def build_kolors(out_dir: Path, *, size: str = "tiny", seed: int = 0) -> Path:
+    """A random KolorsPipeline (ChatGLM text encoder, SDXL-shaped UNet, SDXL's VAE) saved into out_dir."""
+    _check_size(size)
+    base = _SEED_BASE["kolors"] + seed
+    tokenizer = _chatglm_tokenizer(Path(out_dir) / "tokenizer")
+    text_encoder = _chatglm(tokenizer, size, base + 2)
+    glm_hidden = _GLM[size].hidden
+    unet_config = {**_sdxl_unet(size), "cross_attention_dim": 64 if size == "tiny" else 384}
+    # As real Kolors (4096 -> 2048, 5632 = 4096 + 6 * 256): the UNet projects ChatGLM's hidden states to its
+    # cross-attention width, and conditions on six time ids plus the pooled (last-token) state.
+    add_embed_dim = 6 * unet_config["addition_time_embed_dim"] + glm_hidden
+    unet = _seeded(
+        base,
+        lambda: UNet2DConditionModel(
+            **unet_config,
+            in_channels=4,
+            out_channels=4,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            projection_class_embeddings_input_dim=add_embed_dim,
+            encoder_hid_dim_type="text_proj",
+            encoder_hid_dim=glm_hidden,
+        ),
+    )
+    # Kwai-Kolors' scheduler: SDXL's Euler with 1100 training steps and a higher beta_end.
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1100,
+        beta_start=0.00085,
+        beta_end=0.014,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = KolorsPipeline(
+        vae=_vae(size, base + 1, latent_channels=4, scaling_factor=0.13025),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=False,
     )
     return _save(pipe, out_dir)
 
@@ -367,6 +482,7 @@ FAMILIES: dict[str, Callable[..., Path]] = {
     "sdxl": build_sdxl,
     "sd3": build_sd3,
     "flux": build_flux,
+    "kolors": build_kolors,
 }
 
 

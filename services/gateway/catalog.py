@@ -3,10 +3,13 @@ without loading anything."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 
 import grpc
 
+from services.common.api.baton.v1 import adapters_pb2 as apb
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import denoiser_pb2_grpc, processor_pb2_grpc
 from services.common.api.baton.v1 import gateway_pb2 as gpb
@@ -26,6 +29,7 @@ class ModelCatalog:
         self.pool = pool
         self.ttl_s = ttl_s
         self._asked: dict[str, tuple[float, dpb.ModelInfo]] = {}
+        self._adapters: dict[bytes, tuple[float, apb.AdapterInfo]] = {}
         self._processors: tuple[float, dict[str, ppb.ProcessorInfo]] | None = None
 
     async def resolve(self, name: str, deadline: float) -> dpb.ModelInfo:
@@ -65,6 +69,59 @@ class ModelCatalog:
         except BatonError as exc:
             raise Unavailable(f"no denoiser answered about model {name!r}: {exc}") from exc
         self._asked[name] = (time.monotonic(), info)
+        return info
+
+    async def adapters(
+        self,
+        requests: list[apb.InspectAdapterRequest],
+        models: dict[str, dpb.ModelInfo | BatonError],
+        deadline: float,
+    ) -> dict[bytes, apb.AdapterInfo | BatonError]:
+        """Each adapter's info, or the error to report at the field that names it (by the request's
+        bytes); adapters of models that did not resolve are left to the model's error."""
+        keys = {r.SerializeToString(deterministic=True): r for r in requests}
+        wanted = {k: r for k, r in keys.items() if isinstance(models.get(r.model), dpb.ModelInfo)}
+        found = await asyncio.gather(*(self.adapter(r, deadline) for r in wanted.values()), return_exceptions=True)
+        out: dict[bytes, apb.AdapterInfo | BatonError] = {}
+        for key, result in zip(wanted, found, strict=True):
+            if isinstance(result, InvalidArgument | NotFound | FailedPrecondition | apb.AdapterInfo):
+                out[key] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return out
+
+    async def adapter(self, request: apb.InspectAdapterRequest, deadline: float) -> apb.AdapterInfo:
+        """What a denoiser holding (or able to hold) the model says of the adapter; kept ttl_s."""
+        key = request.SerializeToString(deterministic=True)
+        hit = self._adapters.get(key)
+        if hit and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+
+        async def inspect(channel, worker: Worker, timeout: float) -> apb.AdapterInfo:
+            return await denoiser_pb2_grpc.DenoiserStub(channel).InspectAdapter(request, timeout=timeout)
+
+        kind = request.WhichOneof("adapter")
+        try:
+            info = await self.pool.call(
+                "denoiser",
+                inspect,
+                deadline=min(deadline, time.time() + LOOKUP_S),
+                model=request.model,
+                what=f"looking up a {kind} for model {request.model!r}",
+                light=True,
+                wait_s=0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            # The denoiser's verdict keeps its kind, and its field within the adapter
+            # ("field 'lora.source': ..."): the planner puts it under the stage's field.
+            error = {grpc.StatusCode.NOT_FOUND: NotFound, grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition}
+            detail = exc.details() or f"the {kind} could not be read"
+            match = re.match(r"field '[a-z_]+\.([^']*)': (.*)", detail, re.DOTALL)
+            fld, detail = (match.group(1), match.group(2)) if match else ("", detail)
+            raise error.get(exc.code(), InvalidArgument)(detail, field=fld) from exc
+        except BatonError as exc:
+            raise Unavailable(f"no denoiser answered about a {kind} for model {request.model!r}: {exc}") from exc
+        self._adapters[key] = (time.monotonic(), info)
         return info
 
     async def processors(self, deadline: float) -> dict[str, ppb.ProcessorInfo]:

@@ -50,7 +50,14 @@ from services.gateway.jobs import (
     now_ts,
     spec_fingerprint,
 )
-from services.gateway.planner import WORKER_FOR, Plan, Planner, referenced_models, uses_processors
+from services.gateway.planner import (
+    WORKER_FOR,
+    Plan,
+    Planner,
+    referenced_adapters,
+    referenced_models,
+    uses_processors,
+)
 from services.gateway.stages import RUNNERS, StageCall, StageResult, process
 from services.gateway.step_times import StepTimes
 from services.gateway.tenancy import check_blob_key, tenant_of
@@ -138,7 +145,8 @@ class Orchestrator:
         models = await self.catalog.resolve_all(referenced_models(spec), deadline)
         processors = await self.catalog.processors(deadline) if uses_processors(spec) else {}
         stored = await self._stored(spec, caller)
-        return Planner(models, await self.pool.kinds(), processors, self.limits, stored).plan(spec)
+        adapters = await self.catalog.adapters(referenced_adapters(spec), models, deadline)
+        return Planner(models, await self.pool.kinds(), processors, self.limits, stored, adapters).plan(spec)
 
     async def _stored(self, spec: jpb.JobSpec, caller: Identity | None) -> dict[str, pb.BlobHandle]:
         """The full handles of the inputs' blobs (a key-only handle names its blob's latest write),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from services.common.api.baton.v1 import adapters_pb2 as apb
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
 from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import interposer_pb2 as ipb
@@ -96,6 +97,18 @@ def referenced_models(spec: jpb.JobSpec) -> set[str]:
     return names
 
 
+def adapter_requests(body: jpb.DenoiseStage) -> list[apb.InspectAdapterRequest]:
+    """What to ask a denoiser about the stage's adapters: its LoRAs, then its embeddings."""
+    out = [apb.InspectAdapterRequest(model=body.model, lora=lora) for lora in body.loras]
+    out += [apb.InspectAdapterRequest(model=body.model, textual_inversion=t) for t in body.textual_inversions]
+    return out
+
+
+def referenced_adapters(spec: jpb.JobSpec) -> list[apb.InspectAdapterRequest]:
+    """Every adapter the spec's denoise stages name, with their models."""
+    return [r for stage in spec.stages if stage_kind(stage) == "denoise" for r in adapter_requests(stage.denoise)]
+
+
 def uses_processors(spec: jpb.JobSpec) -> bool:
     for stage in spec.stages:
         kind = stage_kind(stage)
@@ -144,6 +157,7 @@ class Planner:
         processors: dict[str, ppb.ProcessorInfo] | None = None,
         limits: Limits = DEFAULT,
         stored: dict[str, pb.BlobHandle] | None = None,
+        adapters: dict[bytes, apb.AdapterInfo | BatonError] | None = None,
     ):
         self.models = models
         self.worker_kinds = worker_kinds
@@ -151,6 +165,8 @@ class Planner:
         self.limits = limits
         # The manifests Redis holds for the inputs' blobs, by key: what was really uploaded.
         self.stored = stored or {}
+        # What a denoiser found about each adapter the stages name (adapter_request's key).
+        self.adapters = adapters or {}
 
     def plan(self, spec: jpb.JobSpec) -> Plan:
         if not 0 <= spec.timeout_s <= self.limits.max_job_timeout:  # NaN fails this too
@@ -262,6 +278,7 @@ class Planner:
             rules.check_text({f: getattr(body, f) for f in rules.PROMPTS}, body.max_sequence_length, limits)
             rules.check_preview_every(body.preview_every)
             rules.check_num_images(body.num_images, limits)
+            rules.check_adapters(body)
             rules.check_sources(incoming is not None, image is not None, bool(body.mask), start)
             if image is not None and image.batch > 1:
                 raise InvalidArgument(
@@ -274,7 +291,7 @@ class Planner:
             level = incoming.level if incoming is not None else None
             mode = _mode(incoming is not None, level, image is not None, bool(body.mask))
             if incoming is not None:
-                self._space(incoming, body.latents, model, name, "denoise.latents")
+                self._space(incoming, body.latents, model, name, "latents")  # located adds "denoise."
             start = rules.window_start(start, level, image is not None)
             scheduler = body.scheduler or model.default_scheduler
             if incoming is not None and incoming.model == body.model and incoming.scheduler and not body.scheduler:
@@ -298,6 +315,11 @@ class Planner:
                 rules.check_runs_a_step(body.steps, strength, defaults.flow)
             if guidance is None and defaults is not None and mode is not None:
                 guidance = defaults.guidance_for(mode)
+        for i, request in enumerate(adapter_requests(body)):
+            found = self.adapters.get(request.SerializeToString(deterministic=True))
+            fld = f"denoise.loras[{i}]" if i < len(body.loras) else f"denoise.textual_inversions[{i - len(body.loras)}]"
+            if isinstance(found, BatonError):
+                raise found.at(stage=name, field=f"{fld}.{found.field}" if found.field else fld)
         seed = body.seed if body.HasField("seed") else spec.seed if spec.HasField("seed") else None
         planned.request = _denoise_request(
             body,
@@ -527,6 +549,8 @@ def _denoise_request(
     )
     if body.HasField("scheduler_config"):
         request.scheduler_config.CopyFrom(body.scheduler_config)
+    request.loras.extend(body.loras)
+    request.textual_inversions.extend(body.textual_inversions)
     if body.HasField("denoising_end"):
         request.denoising_end = body.denoising_end
     for fld, value in (

@@ -92,6 +92,35 @@ def check_num_images(num_images: int, limits: Limits) -> None:
         )
 
 
+# LoRAs and embeddings a stage may bring: each costs a load the first time and a pass per layer.
+MAX_ADAPTERS = 16
+# A LoRA's weight beyond this is a typo: the adapter's change would swamp the model.
+MAX_LORA_SCALE = 100.0
+
+
+def check_adapters(body) -> None:
+    """A stage's (or request's) `loras` and `textual_inversions`, as far as no file is read."""
+    loras = [(lora.source, lora.scale if lora.HasField("scale") else None) for lora in body.loras]
+    inversions = [(inversion.source, inversion.token) for inversion in body.textual_inversions]
+    if len(loras) > MAX_ADAPTERS or len(inversions) > MAX_ADAPTERS:
+        raise InvalidArgument(f"at most {MAX_ADAPTERS} LoRAs and {MAX_ADAPTERS} embeddings a stage", field="loras")
+    for i, (source, scale) in enumerate(loras):
+        if not source:
+            raise InvalidArgument("a LoRA needs a source: a hub repo id, a folder or a .safetensors file",
+                                  field=f"loras[{i}].source")  # fmt: skip
+        if scale is not None:
+            finite(scale, f"loras[{i}].scale")
+            if abs(scale) > MAX_LORA_SCALE:
+                raise InvalidArgument(
+                    f"scale must be within ±{MAX_LORA_SCALE:g}, got {scale}", field=f"loras[{i}].scale"
+                )
+    for i, (source, token) in enumerate(inversions):
+        if not source:
+            raise InvalidArgument("an embedding needs a source", field=f"textual_inversions[{i}].source")
+        if token and (token != token.strip() or " " in token):
+            raise InvalidArgument(f"a token is one word, got {token!r}", field=f"textual_inversions[{i}].token")
+
+
 def check_batch(num_images: int, incoming: int) -> int:
     """The window's batch: the incoming latents' (`incoming`, 0 when none), else num_images."""
     if not incoming:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.denoiser.families.base import Family
 from services.denoiser.families.flux import Flux
+from services.denoiser.families.kolors import Kolors
 from services.denoiser.families.sd1 import SD1
 from services.denoiser.families.sd3 import SD3
 from services.denoiser.families.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SDXL(), SD3(), Flux())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SDXL(), SD3(), Flux(), Kolors())}
 
 
 def family_by_name(name: str) -> Family:

@@ -11,8 +11,10 @@ from PIL import Image
 
 # The modes are the gateway's too; families import them from here.
 from services.common.family_defaults import CONTINUE as CONTINUE
-from services.common.family_defaults import DEFAULTS, IMG2IMG, INPAINT
+from services.common.family_defaults import DEFAULTS
 from services.common.family_defaults import FROM_NOISE as FROM_NOISE
+from services.common.family_defaults import IMG2IMG as IMG2IMG
+from services.common.family_defaults import INPAINT as INPAINT
 from services.common.family_defaults import TXT2IMG as TXT2IMG
 from services.common.latent_spaces import LatentSpace
 from services.denoiser.batching import NetCall
@@ -20,6 +22,16 @@ from services.denoiser.window import DenoiseWindow, strength_begin
 
 if TYPE_CHECKING:
     from services.denoiser.checkpoints import Checkpoint
+
+
+# The diffusers pipeline (a window_pipe kind) that prepares each mode's inputs.
+PIPELINE_FOR_MODE = {
+    TXT2IMG: "txt2img",
+    FROM_NOISE: "txt2img",
+    CONTINUE: "img2img",
+    IMG2IMG: "img2img",
+    INPAINT: "inpaint",
+}
 
 
 @dataclass

@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from services.common.errors import FailedPrecondition
 from services.common.latent_spaces import LatentSpace, get_space
 from services.denoiser.batching import NetCall
 from services.denoiser.checkpoints import resume_window
@@ -23,20 +22,21 @@ from services.denoiser.families.base import (
     FROM_NOISE,
     IMG2IMG,
     INPAINT,
+    PIPELINE_FOR_MODE,
     TXT2IMG,
     StepHooks,
     WindowJob,
     WindowResult,
     prompt_key,
 )
-from services.denoiser.families.flow import FlowFamily
+from services.denoiser.families.flow import FlowFamily, FlowInpainting
 
 
 class Flux(FlowFamily):
     name = "flux"
     pipeline_class = FluxPipeline
-    pipeline_classes = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline}
-    pipeline_names = ("FluxPipeline", "FluxImg2ImgPipeline")
+    pipeline_classes = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
+    pipeline_names = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
 
     def latent_space(self, vae_config: dict) -> LatentSpace:
         return get_space("flux").with_vae_config(vae_config)
@@ -60,12 +60,11 @@ class Flux(FlowFamily):
         )
 
     def run(self, model: Any, job: WindowJob, hooks: StepHooks) -> WindowResult:
-        if job.mode == INPAINT:
-            raise FailedPrecondition("inpainting is not supported for Flux models yet", field="mask")
         device = model.device
-        kind = "img2img" if job.mode in (IMG2IMG, CONTINUE) else "txt2img"
+        kind = PIPELINE_FOR_MODE[job.mode]
         pipe = model.window_pipe(kind, self.pipeline_classes[kind])
         scheduler = pipe.scheduler = job.scheduler
+        self.check_scheduler(job, scheduler)
         gen = torch.Generator("cpu").manual_seed(job.seed)
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
         encode = functools.partial(
@@ -96,16 +95,19 @@ class Flux(FlowFamily):
         if job.restore_state is not None:
             job.restore_state(scheduler)
         timesteps = scheduler.timesteps
+        first = timesteps[begin : begin + 1].repeat(job.num_images)
+        inpaint = None
         if job.mode in (FROM_NOISE, CONTINUE):
             assert job.latents is not None
             latents = pipe._pack_latents(job.latents.to(device, dtype), job.num_images, channels, h, w)
             image_ids = pipe._prepare_latent_image_ids(job.num_images, h // 2, w // 2, device, dtype)
         elif job.mode == IMG2IMG:
             image = self.img2img_input(model, pipe, job)
-            first = timesteps[begin : begin + 1].repeat(job.num_images)
             latents, image_ids = pipe.prepare_latents(
                 image, first, job.num_images, channels, job.height, job.width, dtype, device, gen
             )
+        elif job.mode == INPAINT:
+            latents, image_ids, inpaint = self.prepare_inpaint(pipe, job, first, channels, dtype, device, gen)
         embedded = None
         if pipe.transformer.config.guidance_embeds:
             embedded = torch.full([1], guidance, device=device, dtype=torch.float32).expand(latents.shape[0])
@@ -119,7 +121,32 @@ class Flux(FlowFamily):
             # The rotary ids are one [tokens, 3] tensor for every row: batchmates must have equal ones.
             v = hooks.forward(NetCall(pipe.transformer, rows, same={"txt_ids": text_ids, "img_ids": image_ids}))
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            if inpaint is not None:
+                latents = inpaint.blend(scheduler, latents, timesteps, begin + i)
             preview = functools.partial(pipe._unpack_latents, latents, job.height, job.width, vsf)
             hooks.after(i, len(window), float(t), latents, scheduler, preview=preview)
         unpacked = pipe._unpack_latents(latents, job.height, job.width, vsf)
         return WindowResult(unpacked, scheduler, timesteps, begin, stop, mu=mu)
+
+    def prepare_inpaint(
+        self, pipe, job, first, channels, dtype, device, gen
+    ) -> tuple[torch.Tensor, Any, FlowInpainting]:
+        """Packed starting latents, image ids and the inpaint inputs, as FluxInpaintPipeline makes them: it
+        keeps the unmasked area on the image's noise path after every step (a 64-channel transformer;
+        FLUX.1 Fill's is another pipeline)."""
+        image, mask_condition = self.inpaint_inputs(pipe, job)
+        latents, noise, image_latents, image_ids = pipe.prepare_latents(
+            image, first, job.num_images, channels, job.height, job.width, dtype, device, gen,
+            self.inpaint_noise(job, device, dtype),
+        )  # fmt: skip
+        if job.latents is not None and job.window.start > 0:  # continuing a partial inpaint: its latents
+            vsf = pipe.vae_scale_factor
+            h, w = 2 * (job.height // (vsf * 2)), 2 * (job.width // (vsf * 2))
+            latents = pipe._pack_latents(job.latents.to(device, dtype), job.num_images, channels, h, w)
+        # The loop never reads the masked image's latents: handing the pipeline latents it already has
+        # in their place (16 channels) skips a VAE encode that would come to nothing.
+        unpacked = pipe._unpack_latents(image_latents, job.height, job.width, pipe.vae_scale_factor)
+        mask, _ = pipe.prepare_mask_latents(
+            mask_condition, unpacked, 1, channels, job.num_images, job.height, job.width, dtype, device, gen
+        )
+        return latents, image_ids, FlowInpainting(mask, image_latents, noise)

@@ -22,7 +22,7 @@ from services.denoiser.families.base import (
     CONTINUE,
     FROM_NOISE,
     IMG2IMG,
-    INPAINT,
+    PIPELINE_FOR_MODE,
     TXT2IMG,
     Family,
     StepHooks,
@@ -30,14 +30,6 @@ from services.denoiser.families.base import (
     WindowResult,
     prompt_key,
 )
-
-PIPELINE_FOR_MODE = {
-    TXT2IMG: "txt2img",
-    FROM_NOISE: "txt2img",
-    CONTINUE: "img2img",
-    IMG2IMG: "img2img",
-    INPAINT: "inpaint",
-}
 
 
 @dataclass

@@ -1,3 +1,4 @@
+from services.common.api.baton.v1 import adapters_pb2 as _adapters_pb2
 from services.common.api.baton.v1 import handles_pb2 as _handles_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
@@ -23,7 +24,7 @@ MODEL_STATE_OFFLOADED: ModelState
 MODEL_STATE_AVAILABLE: ModelState
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "steps", "guidance_scale", "scheduler", "scheduler_config", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "num_images", "preview_every", "max_sequence_length", "guidance_rescale", "output_key")
+    __slots__ = ("model", "prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "steps", "guidance_scale", "scheduler", "scheduler_config", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "num_images", "preview_every", "max_sequence_length", "guidance_rescale", "output_key", "loras", "textual_inversions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +50,8 @@ class DenoiseRequest(_message.Message):
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_RESCALE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_KEY_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    TEXTUAL_INVERSIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -74,7 +77,9 @@ class DenoiseRequest(_message.Message):
     max_sequence_length: int
     guidance_rescale: float
     output_key: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., mask: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., output_key: _Optional[str] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.Lora]
+    textual_inversions: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.TextualInversion]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., mask: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., output_key: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[_adapters_pb2.Lora, _Mapping]]] = ..., textual_inversions: _Optional[_Iterable[_Union[_adapters_pb2.TextualInversion, _Mapping]]] = ...) -> None: ...
 
 class StepEvent(_message.Message):
     __slots__ = ("step", "total", "timestep", "sigma", "preview_png", "elapsed_s", "checkpoint")

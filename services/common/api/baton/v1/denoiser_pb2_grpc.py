@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from services.common.api.baton.v1 import adapters_pb2 as baton_dot_v1_dot_adapters__pb2
 from services.common.api.baton.v1 import denoiser_pb2 as baton_dot_v1_dot_denoiser__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -69,6 +70,11 @@ class DenoiserStub:
                 request_serializer=baton_dot_v1_dot_denoiser__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_denoiser__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.InspectAdapter = channel.unary_unary(
+                '/baton.v1.Denoiser/InspectAdapter',
+                request_serializer=baton_dot_v1_dot_adapters__pb2.InspectAdapterRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
+                _registered_method=True)
 
 
 class DenoiserServicer:
@@ -121,6 +127,13 @@ class DenoiserServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InspectAdapter(self, request, context):
+        """Whether an adapter exists, is safetensors and fits the model, without loading either.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DenoiserServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +171,11 @@ def add_DenoiserServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=baton_dot_v1_dot_denoiser__pb2.UnloadModelRequest.FromString,
                     response_serializer=baton_dot_v1_dot_denoiser__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'InspectAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectAdapter,
+                    request_deserializer=baton_dot_v1_dot_adapters__pb2.InspectAdapterRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_adapters__pb2.AdapterInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +367,33 @@ class Denoiser:
             '/baton.v1.Denoiser/UnloadModel',
             baton_dot_v1_dot_denoiser__pb2.UnloadModelRequest.SerializeToString,
             baton_dot_v1_dot_denoiser__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Denoiser/InspectAdapter',
+            baton_dot_v1_dot_adapters__pb2.InspectAdapterRequest.SerializeToString,
+            baton_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,

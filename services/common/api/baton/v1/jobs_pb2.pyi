@@ -1,5 +1,6 @@
 import datetime
 
+from services.common.api.baton.v1 import adapters_pb2 as _adapters_pb2
 from services.common.api.baton.v1 import handles_pb2 as _handles_pb2
 from services.common.api.baton.v1 import interposer_pb2 as _interposer_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
@@ -101,7 +102,7 @@ class StageSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., denoise: _Optional[_Union[DenoiseStage, _Mapping]] = ..., interpose: _Optional[_Union[InterposeStage, _Mapping]] = ..., process: _Optional[_Union[ProcessStage, _Mapping]] = ..., decode: _Optional[_Union[DecodeStage, _Mapping]] = ..., encode: _Optional[_Union[EncodeStage, _Mapping]] = ...) -> None: ...
 
 class DenoiseStage(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "scheduler_config", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "guidance_rescale", "latents_processors", "output_processors", "preview_every", "num_images")
+    __slots__ = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "scheduler_config", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "guidance_rescale", "latents_processors", "output_processors", "preview_every", "num_images", "loras", "textual_inversions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +129,8 @@ class DenoiseStage(_message.Message):
     OUTPUT_PROCESSORS_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    TEXTUAL_INVERSIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -154,7 +157,9 @@ class DenoiseStage(_message.Message):
     output_processors: _containers.RepeatedScalarFieldContainer[str]
     preview_every: int
     num_images: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[str] = ..., image: _Optional[str] = ..., mask: _Optional[str] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., latents_processors: _Optional[_Iterable[str]] = ..., output_processors: _Optional[_Iterable[str]] = ..., preview_every: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.Lora]
+    textual_inversions: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.TextualInversion]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[str] = ..., image: _Optional[str] = ..., mask: _Optional[str] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., latents_processors: _Optional[_Iterable[str]] = ..., output_processors: _Optional[_Iterable[str]] = ..., preview_every: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_adapters_pb2.Lora, _Mapping]]] = ..., textual_inversions: _Optional[_Iterable[_Union[_adapters_pb2.TextualInversion, _Mapping]]] = ...) -> None: ...
 
 class InterposeStage(_message.Message):
     __slots__ = ("latents", "target", "method", "source_model", "target_model")
