@@ -173,8 +173,8 @@ def test_wrong_types_say_where_and_what_is_expected(tmp_path: Path, text: str, w
 
 
 def test_unknown_top_level_key_suggests_the_closest_field(tmp_path: Path):
-    message = spec_error(tmp_path, "name: job\nseeds: 3\n")
-    assert 'job.yaml:2:1: JobSpec.seeds: unknown field "seeds" of JobSpec; did you mean "seed"?' in message
+    message = spec_error(tmp_path, "name: job\nsed: 3\n")
+    assert 'job.yaml:2:1: JobSpec.sed: unknown field "sed" of JobSpec; did you mean "seed"?' in message
 
 
 def test_unknown_key_inside_a_stage_suggests_the_closest_field(tmp_path: Path):
@@ -449,7 +449,7 @@ def test_input_kind_by_extension():
 
 def test_latents_to_an_image_format_is_refused_helpfully(tmp_path: Path):
     with pytest.raises(
-        InvalidArgument, match="stage produces latents: use safetensors, pt or pth, or add a decode stage"
+        InvalidArgument, match="stage produces latents: use safetensors, pt, pth or latent, or add a decode stage"
     ):
         write_output(tmp_path / "out.png", latents=torch.zeros(1, 4, 8, 8))
 
@@ -465,4 +465,4 @@ def test_unknown_output_format_is_refused(tmp_path: Path):
 
 
 def test_output_formats_name_what_each_holds():
-    assert {k for k, v in OUTPUT_FORMATS.items() if v == "latents"} == {"pt", "pth", "safetensors"}
+    assert {k for k, v in OUTPUT_FORMATS.items() if v == "latents"} == {"pt", "pth", "safetensors", "latent"}

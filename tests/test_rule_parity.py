@@ -40,6 +40,9 @@ CASES = [
     ("negative preview_every", {"preview_every": -1}, "preview_every"),
     ("too many images", {"num_images": 65}, "num_images"),
     ("negative num_images", {"num_images": -1}, "num_images"),
+    ("seeds with seed", {"seeds": [1, 2], "seed": 3}, "seeds"),
+    ("seeds with another num_images", {"seeds": [1, 2], "num_images": 3}, "seeds"),
+    ("too many seeds", {"seeds": list(range(65))}, "seeds"),
     ("width not a multiple", {"width": 65, "height": 64}, "width"),
     ("height not a multiple", {"width": 64, "height": 65}, "height"),
     ("past max pixels", {"width": 128, "height": 128}, "width"),
@@ -90,7 +93,7 @@ def planner_refusal(model: str, fields: dict, picture) -> BatonError:
 
 
 def worker_refusal(engine: DenoiseEngine, model: str, fields: dict, picture) -> BatonError:
-    body = {"model": model, "prompt": "a cat", "steps": 4, "seed": 1, **fields}
+    body = {"model": model, "prompt": "a cat", "steps": 4, **({} if "seeds" in fields else {"seed": 1}), **fields}
     for image_field in ("image", "mask"):
         if body.get(image_field) == "picture":
             body[image_field] = json_format.MessageToDict(picture)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.client.files import file_inputs, read_input, save_output
+from services.client.files import STATE_MEDIA_TYPE, file_inputs, read_input, save_output
 from services.client.resume import PATIENCE_S, Resume, remaining
 from services.client.sync_client import OPTIONS, app_tracing, blob_chunks, tensor_header
 from services.common.api.baton.v1 import gateway_pb2 as gpb
@@ -236,7 +236,8 @@ class AsyncBatonClient:
             if found.image is not None:
                 found.place(item, await self.put_bytes(*found.image))
             elif found.latents is not None:
-                found.place(item, await self.put_tensor(found.latents[0]))
+                state = await self.put_bytes(found.state, STATE_MEDIA_TYPE) if found.state else None
+                found.place(item, await self.put_tensor(found.latents[0]), state)
         return out
 
     async def download_outputs(self, job: jpb.Job, out_dir: Path) -> builtins.list[Path]:
@@ -245,6 +246,9 @@ class AsyncBatonClient:
         for output in job.outputs:
             tensor = await self.get_raw(output.latents.blob) if output.HasField("latents") else None
             images = {h.key: (await self.get_bytes(h))[1] for h in output.images}
+            carried = output.latents.scheduler.state  # the latents' scheduler state goes into their file
+            if carried.key:
+                images[carried.key] = (await self.get_bytes(carried))[1]
             paths += await asyncio.to_thread(save_output, Path(out_dir), job, output, _reader(images), tensor)
         return paths
 

@@ -46,6 +46,11 @@ def png_text(job: jpb.Job, stage: str, index: int | None = None) -> dict[str, st
         body = last.denoise
         status = next((s for s in job.stages if s.name == last.name), None)
         seed = body.seed if body.HasField("seed") else spec.seed
+        # A batch drawn from a seed list: image i's own seed, as the latents or the spec record it.
+        seeds = list(status.latents.seeds) if status is not None else []
+        seeds = seeds or list(body.seeds) or ([] if body.HasField("seed") else list(spec.seeds))
+        if seeds:
+            seed = seeds[index or 0] if (index or 0) < len(seeds) else seeds[0]
         width = status.latents.width if status is not None and status.latents.width else body.width or spec.width
         height = status.latents.height if status is not None and status.latents.height else body.height or spec.height
         text.update(

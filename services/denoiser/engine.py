@@ -30,7 +30,7 @@ from services.common.errors import Cancelled, DeadlineExceeded, Draining, Failed
 from services.common.family_defaults import DEFAULTS
 from services.common.limits import DEFAULT, Limits
 from services.common.rules import denoise as rules
-from services.common.rules.scheduler import check_scheduler
+from services.common.rules.scheduler import check_scheduler, check_solver_history
 from services.common.tensors import check_finite
 from services.denoiser import checkpoints, interrupt, metrics, schedulers
 from services.denoiser.adapter_files import AdapterFiles
@@ -279,6 +279,7 @@ class DenoiseEngine:
         rules.check_text({f: getattr(req, f) for f in rules.PROMPTS}, req.max_sequence_length, limits)
         rules.check_preview_every(req.preview_every)
         rules.check_num_images(req.num_images, limits)
+        rules.check_seeds(req.seeds, _optional(req, "seed"), req.num_images, limits)
         rules.check_adapters(req)
         rules.check_sources(
             bool(req.latents.blob.key), bool(req.image.key), bool(req.mask.key), _optional(req, "denoising_start")
@@ -334,12 +335,19 @@ class DenoiseEngine:
         image = self._image(req.image, "image", "RGB")
         mask = self._image(req.mask, "mask", "L")
         width, height = self._size(req, model, incoming, image)
-        batch = rules.check_batch(req.num_images, incoming.tensor.shape[0] if incoming is not None else 0)
+        batch = rules.check_batch(
+            req.num_images, incoming.tensor.shape[0] if incoming is not None else 0, len(req.seeds)
+        )
         rules.check_latent_elements(batch, model.latent_channels, width, height, model.vae_scale_factor, self.limits)
         strength = req.strength if req.HasField("strength") else model.family.default_strength(mode)
         if mode in (IMG2IMG, INPAINT):
             rules.check_runs_a_step(req.steps, strength, DEFAULTS[model.family.name].flow)
-        if incoming is not None and incoming.handle.seed and not req.HasField("seed"):
+        seeds = list(req.seeds)
+        if incoming is not None and not seeds and not req.HasField("seed"):
+            seeds = list(incoming.handle.seeds)  # continued latents keep the seed of each image
+        if seeds:
+            seed = seeds[0]
+        elif incoming is not None and incoming.handle.seed and not req.HasField("seed"):
             seed = incoming.handle.seed
         else:
             seed = req.seed if req.HasField("seed") else secrets.randbits(63)
@@ -350,6 +358,7 @@ class DenoiseEngine:
             scheduler=scheduler,
             restore_state=restore,
             seed=seed,
+            seeds=seeds if len(seeds) == batch else [],
             width=width,
             height=height,
             num_images=batch,
@@ -387,7 +396,10 @@ class DenoiseEngine:
         restore = None
         # A multistep scheduler continuing its own schedule gets its history back, which is what
         # makes the split exact; restore_state refuses state that does not fit this window.
-        if continuing and caps.split == "state" and before.state.key and before.steps == req.steps:
+        exact = continuing and before.steps == req.steps and incoming is not None and 0.0 < incoming.level < 1.0
+        if exact:
+            check_solver_history(caps, bool(before.state.key), req.restart_solver_history)
+        if exact and caps.split == "state" and before.state.key and not req.restart_solver_history:
             state = located("latents.scheduler.state", lambda: bytes(self.store.get_bytes(before.state)))
 
             def restore(s: Any) -> None:
@@ -448,6 +460,7 @@ class DenoiseEngine:
             noise=noise,
             scheduler=spec,
             seed=job.seed,
+            seeds=job.seeds,
             width=job.width,
             height=job.height,
             model=req.model,

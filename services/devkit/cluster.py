@@ -495,6 +495,10 @@ class ServiceProcess:
         self.stop()
 
 
+# The services that register themselves for gateways to route to.
+WORKER_KINDS = ("denoiser", "interposer", "processor")
+
+
 def wait_all_serving(processes: Sequence[ServiceProcess], timeout: float) -> None:
     """Wait until each started process says SERVING; raise at once if one exits, with its log."""
     deadline = time.monotonic() + timeout
@@ -565,6 +569,7 @@ class LocalCluster:
                 self.redis_url = self.redis.url
             started = [self._spawn(kind) for kind in self.services for _ in range(self.replicas.get(kind, 1))]
             wait_all_serving(started, timeout)
+            self._wait_registered(started)
         except BaseException:
             self.stop()
             raise
@@ -577,11 +582,37 @@ class LocalCluster:
         process = self._spawn(kind, env)
         try:
             wait_all_serving([process], timeout)
+            self._wait_registered([process])
         except BaseException:
             process.kill()
             self._processes.remove(process)
             raise
         return process
+
+    def _wait_registered(self, processes: Sequence[ServiceProcess], timeout: float = 30.0) -> None:
+        """Waits until each worker among `processes` has its record in the registry: a worker says
+        SERVING a moment before it registers, and a gateway routes only to registered workers. A
+        cluster whose records this cannot read (another key prefix) goes on after `timeout`."""
+        workers = [p for p in processes if p.kind in WORKER_KINDS]
+        if not workers or not self.redis_url:
+            return
+        from services.common.redis_conn import connect
+        from services.common.registry import WorkerRegistry
+
+        client = connect(self.redis_url)
+        try:
+            registry = WorkerRegistry(client)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    known = {w.address for kind in {p.kind for p in workers} for w in registry.workers(kind)}
+                except Exception:  # a Redis this harness cannot read as the services do
+                    return
+                if all(p.address in known for p in workers):
+                    return
+                time.sleep(0.1)
+        finally:
+            client.close()
 
     def _spawn(self, kind: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
         n = len(self.processes(kind))

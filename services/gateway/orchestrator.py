@@ -173,7 +173,7 @@ class Orchestrator:
         self, spec: jpb.JobSpec, idempotency_key: str = "", deadline: float | None = None, caller: Identity = OPEN
     ) -> jpb.Job:
         fingerprint = spec_fingerprint(spec) if idempotency_key else ""  # the spec as sent, before its seed
-        if not spec.HasField("seed"):
+        if not spec.HasField("seed") and not spec.seeds:
             # Recorded in the job, so that every attempt of a stage draws the same noise.
             spec.seed = secrets.randbits(63)
         plan = await self.plan(spec, deadline, caller)

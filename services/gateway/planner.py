@@ -29,7 +29,7 @@ from services.common.processor_uri import check_chains
 from services.common.rules import denoise as rules
 from services.common.rules import located
 from services.common.rules.blobs import check_image_pixels, check_latents_blob, check_tensor_header
-from services.common.rules.scheduler import check_scheduler
+from services.common.rules.scheduler import check_scheduler, check_solver_history
 
 LATENTS, IMAGE = "latents", "image"
 KINDS = ("denoise", "interpose", "process", "decode", "encode")
@@ -57,6 +57,10 @@ class Product:
     height: int = 0
     # Latents (or images) in the batch; 0 when unknown.
     batch: int = 0
+    # The schedule's steps, and whether partly denoised latents carry their multistep scheduler's
+    # state (a stage's own output does; a file input may not).
+    steps: int = 0
+    has_state: bool = True
 
 
 @dataclass
@@ -175,6 +179,7 @@ class Planner:
                 f"{self.limits.max_job_timeout:g}, got {spec.timeout_s}",
                 field="timeout_s",
             )
+        rules.check_seeds(spec.seeds, spec.seed if spec.HasField("seed") else None, 0, self.limits)
         inputs = {i.name: self._input(n, i) for n, i in enumerate(spec.inputs)}
         stages: dict[str, PlannedStage] = {}
         for n, stage in enumerate(spec.stages):
@@ -278,6 +283,9 @@ class Planner:
             rules.check_text({f: getattr(body, f) for f in rules.PROMPTS}, body.max_sequence_length, limits)
             rules.check_preview_every(body.preview_every)
             rules.check_num_images(body.num_images, limits)
+            own_seed = body.HasField("seed") or bool(body.seeds)
+            seeds = list(body.seeds) if own_seed else list(spec.seeds)  # a stage without its own takes the job's
+            rules.check_seeds(seeds, body.seed if body.HasField("seed") else None, body.num_images, limits)
             rules.check_adapters(body)
             rules.check_sources(incoming is not None, image is not None, bool(body.mask), start)
             if image is not None and image.batch > 1:
@@ -287,7 +295,8 @@ class Planner:
                     field="image",
                 )
             unknown_batch = incoming is not None and not incoming.batch
-            batch = 0 if unknown_batch else rules.check_batch(body.num_images, incoming.batch if incoming else 0)
+            incoming_batch = incoming.batch if incoming else 0
+            batch = 0 if unknown_batch else rules.check_batch(body.num_images, incoming_batch, len(seeds))
             level = incoming.level if incoming is not None else None
             mode = _mode(incoming is not None, level, image is not None, bool(body.mask))
             if incoming is not None:
@@ -297,7 +306,14 @@ class Planner:
             if incoming is not None and incoming.model == body.model and incoming.scheduler and not body.scheduler:
                 scheduler = incoming.scheduler  # the same model continuing its own schedule keeps it
             config = MessageToDict(body.scheduler_config) if body.HasField("scheduler_config") else {}
-            check_scheduler(scheduler, config, bool(start) or (end is not None and end < 1.0))
+            caps = check_scheduler(scheduler, config, bool(start) or (end is not None and end < 1.0))
+            if (
+                mode == CONTINUE
+                and incoming is not None
+                and (incoming.model, incoming.scheduler, incoming.steps) == (body.model, scheduler, body.steps)
+                and not config
+            ):
+                check_solver_history(caps, incoming.has_state, body.restart_solver_history)
             width, height = body.width or spec.width, body.height or spec.height
             if incoming is not None and incoming.width and incoming.height:
                 rules.check_same_size(body.width, body.height, incoming.width, incoming.height)
@@ -320,7 +336,7 @@ class Planner:
             fld = f"denoise.loras[{i}]" if i < len(body.loras) else f"denoise.textual_inversions[{i - len(body.loras)}]"
             if isinstance(found, BatonError):
                 raise found.at(stage=name, field=f"{fld}.{found.field}" if found.field else fld)
-        seed = body.seed if body.HasField("seed") else spec.seed if spec.HasField("seed") else None
+        seed = body.seed if body.HasField("seed") else spec.seed if spec.HasField("seed") and not seeds else None
         planned.request = _denoise_request(
             body,
             scheduler,
@@ -332,6 +348,7 @@ class Planner:
             0 if incoming is not None else height,
             batch if incoming is None else 0,
         )
+        planned.request.seeds.extend(seeds)
         return Product(
             LATENTS,
             model.space,
@@ -341,6 +358,7 @@ class Planner:
             width,
             height,
             batch,
+            body.steps,
         )
 
     def _interpose(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
@@ -449,6 +467,8 @@ class Planner:
                 handle.width,
                 handle.height,
                 shape[0] if len(shape) == 4 else 1 if len(shape) == 3 else 0,
+                handle.scheduler.steps,
+                bool(handle.scheduler.state.key),
             )
         if source == "blob":
             if spec.blob.media_type.startswith("image/"):
@@ -544,6 +564,7 @@ def _denoise_request(
         guidance_rescale=body.guidance_rescale,
         preview_every=body.preview_every,
         num_images=num_images,
+        restart_solver_history=body.restart_solver_history,
         width=width,
         height=height,
     )

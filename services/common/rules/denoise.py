@@ -7,6 +7,7 @@ when the reason is not the bound itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from services.common.errors import InvalidArgument
 from services.common.limits import Limits
@@ -121,8 +122,37 @@ def check_adapters(body) -> None:
             raise InvalidArgument(f"a token is one word, got {token!r}", field=f"textual_inversions[{i}].token")
 
 
-def check_batch(num_images: int, incoming: int) -> int:
-    """The window's batch: the incoming latents' (`incoming`, 0 when none), else num_images."""
+def check_seeds(seeds: Sequence[int], seed: int | None, num_images: int, limits: Limits) -> None:
+    """`seeds` draws image i from seeds[i]: with `seed` too, or a num_images of another count, the
+    batch would be ambiguous."""
+    if not seeds:
+        return
+    if seed is not None:
+        raise InvalidArgument(
+            "give either seed (every image from one seed) or seeds (one seed per image), not both", field="seeds"
+        )
+    if num_images and num_images != len(seeds):
+        raise InvalidArgument(
+            f"seeds lists {len(seeds)} seed(s) but num_images is {num_images}: leave num_images unset or make it "
+            "the number of seeds",
+            field="seeds",
+        )
+    if len(seeds) > limits.max_num_images:
+        raise InvalidArgument(
+            f"seeds lists {len(seeds)} seeds; a stage draws at most {limits.max_num_images} images", field="seeds"
+        )
+
+
+def check_batch(num_images: int, incoming: int, seeds: int = 0) -> int:
+    """The window's batch: the incoming latents' (`incoming`, 0 when none), else num_images, else
+    the number of `seeds` (check_seeds has made the two agree)."""
+    if seeds and incoming and seeds != incoming:
+        raise InvalidArgument(
+            f"seeds lists {seeds} seed(s) but the latents hold a batch of {incoming}: continued latents keep their "
+            "batch, one seed per image",
+            field="seeds",
+        )
+    num_images = num_images or seeds
     if not incoming:
         return max(num_images, 1)
     if num_images and num_images != incoming:

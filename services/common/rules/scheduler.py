@@ -14,8 +14,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from services.common.errors import InvalidArgument
-from services.common.scheduler_caps import KNOWN, NEVER, SchedulerCaps, capabilities
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.scheduler_caps import KNOWN, NEVER, STATE, SchedulerCaps, capabilities
 from services.common.scheduler_options import OPTIONS
 
 SUPPORTED = tuple(sorted(KNOWN))
@@ -84,6 +84,19 @@ def check_scheduler(name: str, config: Mapping[str, Any], partial: bool) -> Sche
     if partial and caps.split == NEVER:
         raise InvalidArgument(caps.why, field="scheduler")
     return caps
+
+
+def check_solver_history(caps: SchedulerCaps, has_state: bool, restart: bool) -> None:
+    """A multistep scheduler continuing its own partly denoised latents needs the history it left
+    (latents.scheduler.state) to continue exactly; without it, only `restart_solver_history` may go on."""
+    if caps.split == STATE and not has_state and not restart:
+        raise FailedPrecondition(
+            f"the latents stand part way through a {caps.name} schedule but carry no scheduler state, so the "
+            "continuation cannot be exact (a file from an older Baton or another tool?); write them with a Baton "
+            "that keeps the state in the file, or set restart_solver_history to continue with the solver's "
+            "history restarted",
+            field="latents.scheduler.state",
+        )
 
 
 def _check_value(key: str, value: Any) -> None:

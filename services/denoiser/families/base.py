@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +48,8 @@ class WindowJob:
     width: int
     height: int
     num_images: int = 1
+    # One seed per image (DenoiseRequest.seeds), num_images of them; empty: all from `seed`.
+    seeds: list[int] = field(default_factory=list)
     prompt: str = ""
     negative_prompt: str = ""
     prompt_2: str = ""
@@ -69,6 +71,20 @@ class WindowJob:
     # An earlier attempt's checkpoint of this very window: the loop prepares everything as usual,
     # then goes on from there (checkpoints.resume_window).
     resume: Checkpoint | None = None
+
+
+def generators(job: WindowJob) -> torch.Generator | list[torch.Generator]:
+    """The job's noise source as diffusers' pipelines take it: one CPU generator for the batch, or
+    one per image (`seeds`), each drawing what it would draw for a batch of one."""
+    if job.seeds:
+        return [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+    return torch.Generator("cpu").manual_seed(job.seed)
+
+
+def per_image(image: torch.Tensor, gen: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """img2img's image once per generator, so that image i is encoded with generator i (the flow
+    pipelines' prepare_latents do not repeat it themselves)."""
+    return image.repeat(len(gen), 1, 1, 1) if isinstance(gen, list) and image.shape[0] == 1 else image
 
 
 def prompt_key(job: WindowJob, *more: object) -> tuple:

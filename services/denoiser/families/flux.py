@@ -27,6 +27,8 @@ from services.denoiser.families.base import (
     StepHooks,
     WindowJob,
     WindowResult,
+    generators,
+    per_image,
     prompt_key,
 )
 from services.denoiser.families.flow import FlowFamily, FlowInpainting
@@ -65,7 +67,7 @@ class Flux(FlowFamily):
         pipe = model.window_pipe(kind, self.pipeline_classes[kind])
         scheduler = pipe.scheduler = job.scheduler
         self.check_scheduler(job, scheduler)
-        gen = torch.Generator("cpu").manual_seed(job.seed)
+        gen = generators(job)
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
         encode = functools.partial(
             pipe.encode_prompt,
@@ -102,7 +104,7 @@ class Flux(FlowFamily):
             latents = pipe._pack_latents(job.latents.to(device, dtype), job.num_images, channels, h, w)
             image_ids = pipe._prepare_latent_image_ids(job.num_images, h // 2, w // 2, device, dtype)
         elif job.mode == IMG2IMG:
-            image = self.img2img_input(model, pipe, job)
+            image = per_image(self.img2img_input(model, pipe, job), gen)
             latents, image_ids = pipe.prepare_latents(
                 image, first, job.num_images, channels, job.height, job.width, dtype, device, gen
             )

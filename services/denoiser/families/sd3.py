@@ -23,6 +23,8 @@ from services.denoiser.families.base import (
     StepHooks,
     WindowJob,
     WindowResult,
+    generators,
+    per_image,
     prompt_key,
 )
 from services.denoiser.families.flow import FlowFamily, FlowInpainting
@@ -65,7 +67,7 @@ class SD3(FlowFamily):
         pipe = model.window_pipe(kind, self.pipeline_classes[kind])
         scheduler = pipe.scheduler = job.scheduler
         self.check_scheduler(job, scheduler)
-        gen = torch.Generator("cpu").manual_seed(job.seed)
+        gen = generators(job)
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
         do_cfg = guidance > 1
         encode = functools.partial(
@@ -102,7 +104,7 @@ class SD3(FlowFamily):
             assert job.latents is not None
             latents = job.latents.to(device, dtype)
         elif job.mode == IMG2IMG:
-            image = self.img2img_input(model, pipe, job)
+            image = per_image(self.img2img_input(model, pipe, job), gen)
             latents = pipe.prepare_latents(image, first, job.num_images, 1, dtype, device, gen)
         elif job.mode == INPAINT:
             latents, inpaint = self.prepare_inpaint(pipe, job, first, dtype, device, gen, do_cfg)

@@ -28,6 +28,7 @@ from services.denoiser.families.base import (
     StepHooks,
     WindowJob,
     WindowResult,
+    generators,
     prompt_key,
 )
 
@@ -73,7 +74,7 @@ class UNetFamily(Family):
         # The pipeline's helpers (prepare_latents, add_noise) read pipe.scheduler; the model
         # lock makes this job its only user.
         pipe.scheduler = scheduler
-        gen = torch.Generator("cpu").manual_seed(job.seed)
+        gen = generators(job)
         guidance = self.default_guidance(job.mode) if job.guidance_scale is None else job.guidance_scale
         do_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
 

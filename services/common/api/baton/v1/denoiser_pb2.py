@@ -27,47 +27,47 @@ from services.common.api.baton.v1 import handles_pb2 as baton_dot_v1_dot_handles
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61ton/v1/denoiser.proto\x12\x08\x62\x61ton.v1\x1a\x17\x62\x61ton/v1/adapters.proto\x1a\x16\x62\x61ton/v1/handles.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xc0\x06\n\x0e\x44\x65noiseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x10\n\x08prompt_2\x18\x04 \x01(\t\x12\x19\n\x11negative_prompt_2\x18\x05 \x01(\t\x12\x10\n\x08prompt_3\x18\x06 \x01(\t\x12\x19\n\x11negative_prompt_3\x18\x07 \x01(\t\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tscheduler\x18\n \x01(\t\x12\x31\n\x10scheduler_config\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1c\n\x0f\x64\x65noising_start\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rdenoising_end\x18\r \x01(\x01H\x02\x88\x01\x01\x12\'\n\x07latents\x18\x0e \x01(\x0b\x32\x16.baton.v1.LatentHandle\x12#\n\x05image\x18\x0f \x01(\x0b\x32\x14.baton.v1.BlobHandle\x12\"\n\x04mask\x18\x10 \x01(\x0b\x32\x14.baton.v1.BlobHandle\x12\x15\n\x08strength\x18\x11 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x12 \x01(\x04H\x04\x88\x01\x01\x12\r\n\x05width\x18\x13 \x01(\x05\x12\x0e\n\x06height\x18\x14 \x01(\x05\x12\x12\n\nnum_images\x18\x15 \x01(\x05\x12\x15\n\rpreview_every\x18\x16 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x17 \x01(\x05\x12\x18\n\x10guidance_rescale\x18\x18 \x01(\x01\x12\x12\n\noutput_key\x18\x19 \x01(\t\x12\x1d\n\x05loras\x18\x1c \x03(\x0b\x32\x0e.baton.v1.Lora\x12\x36\n\x12textual_inversions\x18\x1d \x03(\x0b\x32\x1a.baton.v1.TextualInversionB\x11\n\x0f_guidance_scaleB\x12\n\x10_denoising_startB\x10\n\x0e_denoising_endB\x0b\n\t_strengthB\x07\n\x05_seedJ\x04\x08\x1a\x10\x1bJ\x04\x08\x1b\x10\x1cR\x06job_idR\x05stage\"\x85\x01\n\tStepEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x10\n\x08timestep\x18\x03 \x01(\x01\x12\r\n\x05sigma\x18\x04 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x05 \x01(\x0c\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x12\n\ncheckpoint\x18\x07 \x01(\x08\"a\n\rDenoiseResult\x12\'\n\x07latents\x18\x01 \x01(\x0b\x32\x16.baton.v1.LatentHandle\x12\x11\n\telapsed_s\x18\x02 \x01(\x01\x12\x14\n\x0cresumed_from\x18\x03 \x01(\x05\"K\n\x0cWindowStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\x05\x12\x14\n\x0cresumed_from\x18\x03 \x01(\x05\"\x91\x01\n\x0c\x44\x65noiseEvent\x12#\n\x04step\x18\x01 \x01(\x0b\x32\x13.baton.v1.StepEventH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.baton.v1.DenoiseResultH\x00\x12(\n\x06status\x18\x03 \x01(\x0b\x32\x16.baton.v1.WindowStatusH\x00\x42\x07\n\x05\x65vent\"\xa0\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\noutput_key\x18\x06 \x01(\t\x12$\n\x06images\x18\x07 \x03(\x0b\x32\x14.baton.v1.BlobHandleB\x07\n\x05_seedJ\x04\x08\x02\x10\x03R\x05image\"9\n\x0e\x45ncodeResponse\x12\'\n\x07latents\x18\x01 \x01(\x0b\x32\x16.baton.v1.LatentHandle\"k\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x07latents\x18\x02 \x01(\x0b\x32\x16.baton.v1.LatentHandle\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x12\n\noutput_key\x18\x04 \x01(\t\"b\n\x0e\x44\x65\x63odeResponse\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12$\n\x06images\x18\x04 \x03(\x0b\x32\x14.baton.v1.BlobHandleJ\x04\x08\x01\x10\x02R\x05image\"\xb6\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\r\n\x05space\x18\x04 \x01(\t\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.baton.v1.ModelState\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x03\x12\x18\n\x10vae_scale_factor\x18\t \x01(\x05\x12\x17\n\x0flatent_channels\x18\n \x01(\x05\x12\x15\n\rdefault_width\x18\x0b \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x0c \x01(\x05\x12\x19\n\x11\x64\x65\x66\x61ult_scheduler\x18\r \x01(\t\x12\x15\n\rsize_multiple\x18\x0e \x01(\x05\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"$\n\x13InspectModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Q\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse*\x8f\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_OFFLOADED\x10\x03\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x04\x32\xa4\x04\n\x08\x44\x65noiser\x12=\n\x07\x44\x65noise\x12\x18.baton.v1.DenoiseRequest\x1a\x16.baton.v1.DenoiseEvent0\x01\x12;\n\x06\x45ncode\x12\x17.baton.v1.EncodeRequest\x1a\x18.baton.v1.EncodeResponse\x12;\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponse\x12\x42\n\x0cInspectModel\x12\x1d.baton.v1.InspectModelRequest\x1a\x13.baton.v1.ModelInfo\x12<\n\tLoadModel\x12\x1a.baton.v1.LoadModelRequest\x1a\x13.baton.v1.ModelInfo\x12J\n\x0bUnloadModel\x12\x1c.baton.v1.UnloadModelRequest\x1a\x1d.baton.v1.UnloadModelResponse\x12H\n\x0eInspectAdapter\x12\x1f.baton.v1.InspectAdapterRequest\x1a\x15.baton.v1.AdapterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61ton/v1/denoiser.proto\x12\x08\x62\x61ton.v1\x1a\x17\x62\x61ton/v1/adapters.proto\x1a\x16\x62\x61ton/v1/handles.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xef\x06\n\x0e\x44\x65noiseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x10\n\x08prompt_2\x18\x04 \x01(\t\x12\x19\n\x11negative_prompt_2\x18\x05 \x01(\t\x12\x10\n\x08prompt_3\x18\x06 \x01(\t\x12\x19\n\x11negative_prompt_3\x18\x07 \x01(\t\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tscheduler\x18\n \x01(\t\x12\x31\n\x10scheduler_config\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1c\n\x0f\x64\x65noising_start\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rdenoising_end\x18\r \x01(\x01H\x02\x88\x01\x01\x12\'\n\x07latents\x18\x0e \x01(\x0b\x32\x16.baton.v1.LatentHandle\x12#\n\x05image\x18\x0f \x01(\x0b\x32\x14.baton.v1.BlobHandle\x12\"\n\x04mask\x18\x10 \x01(\x0b\x32\x14.baton.v1.BlobHandle\x12\x15\n\x08strength\x18\x11 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x12 \x01(\x04H\x04\x88\x01\x01\x12\r\n\x05width\x18\x13 \x01(\x05\x12\x0e\n\x06height\x18\x14 \x01(\x05\x12\x12\n\nnum_images\x18\x15 \x01(\x05\x12\x15\n\rpreview_every\x18\x16 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x17 \x01(\x05\x12\x18\n\x10guidance_rescale\x18\x18 \x01(\x01\x12\x12\n\noutput_key\x18\x19 \x01(\t\x12\x1d\n\x05loras\x18\x1c \x03(\x0b\x32\x0e.baton.v1.Lora\x12\x36\n\x12textual_inversions\x18\x1d \x03(\x0b\x32\x1a.baton.v1.TextualInversion\x12\r\n\x05seeds\x18\x1e \x03(\x04\x12\x1e\n\x16restart_solver_history\x18\x1f \x01(\x08\x42\x11\n\x0f_guidance_scaleB\x12\n\x10_denoising_startB\x10\n\x0e_denoising_endB\x0b\n\t_strengthB\x07\n\x05_seedJ\x04\x08\x1a\x10\x1bJ\x04\x08\x1b\x10\x1cR\x06job_idR\x05stage\"\x85\x01\n\tStepEvent\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x10\n\x08timestep\x18\x03 \x01(\x01\x12\r\n\x05sigma\x18\x04 \x01(\x01\x12\x13\n\x0bpreview_png\x18\x05 \x01(\x0c\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x12\n\ncheckpoint\x18\x07 \x01(\x08\"a\n\rDenoiseResult\x12\'\n\x07latents\x18\x01 \x01(\x0b\x32\x16.baton.v1.LatentHandle\x12\x11\n\telapsed_s\x18\x02 \x01(\x01\x12\x14\n\x0cresumed_from\x18\x03 \x01(\x05\"K\n\x0cWindowStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\x05\x12\x14\n\x0cresumed_from\x18\x03 \x01(\x05\"\x91\x01\n\x0c\x44\x65noiseEvent\x12#\n\x04step\x18\x01 \x01(\x0b\x32\x13.baton.v1.StepEventH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.baton.v1.DenoiseResultH\x00\x12(\n\x06status\x18\x03 \x01(\x0b\x32\x16.baton.v1.WindowStatusH\x00\x42\x07\n\x05\x65vent\"\xa0\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\noutput_key\x18\x06 \x01(\t\x12$\n\x06images\x18\x07 \x03(\x0b\x32\x14.baton.v1.BlobHandleB\x07\n\x05_seedJ\x04\x08\x02\x10\x03R\x05image\"9\n\x0e\x45ncodeResponse\x12\'\n\x07latents\x18\x01 \x01(\x0b\x32\x16.baton.v1.LatentHandle\"k\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x07latents\x18\x02 \x01(\x0b\x32\x16.baton.v1.LatentHandle\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x12\n\noutput_key\x18\x04 \x01(\t\"b\n\x0e\x44\x65\x63odeResponse\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12$\n\x06images\x18\x04 \x03(\x0b\x32\x14.baton.v1.BlobHandleJ\x04\x08\x01\x10\x02R\x05image\"\xb6\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\r\n\x05space\x18\x04 \x01(\t\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.baton.v1.ModelState\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x03\x12\x18\n\x10vae_scale_factor\x18\t \x01(\x05\x12\x17\n\x0flatent_channels\x18\n \x01(\x05\x12\x15\n\rdefault_width\x18\x0b \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x0c \x01(\x05\x12\x19\n\x11\x64\x65\x66\x61ult_scheduler\x18\r \x01(\t\x12\x15\n\rsize_multiple\x18\x0e \x01(\x05\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"$\n\x13InspectModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"Q\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse*\x8f\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_OFFLOADED\x10\x03\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x04\x32\xa4\x04\n\x08\x44\x65noiser\x12=\n\x07\x44\x65noise\x12\x18.baton.v1.DenoiseRequest\x1a\x16.baton.v1.DenoiseEvent0\x01\x12;\n\x06\x45ncode\x12\x17.baton.v1.EncodeRequest\x1a\x18.baton.v1.EncodeResponse\x12;\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponse\x12\x42\n\x0cInspectModel\x12\x1d.baton.v1.InspectModelRequest\x1a\x13.baton.v1.ModelInfo\x12<\n\tLoadModel\x12\x1a.baton.v1.LoadModelRequest\x1a\x13.baton.v1.ModelInfo\x12J\n\x0bUnloadModel\x12\x1c.baton.v1.UnloadModelRequest\x1a\x1d.baton.v1.UnloadModelResponse\x12H\n\x0eInspectAdapter\x12\x1f.baton.v1.InspectAdapterRequest\x1a\x15.baton.v1.AdapterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.denoiser_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=2417
-  _globals['_MODELSTATE']._serialized_end=2560
+  _globals['_MODELSTATE']._serialized_start=2464
+  _globals['_MODELSTATE']._serialized_end=2607
   _globals['_DENOISEREQUEST']._serialized_start=117
-  _globals['_DENOISEREQUEST']._serialized_end=949
-  _globals['_STEPEVENT']._serialized_start=952
-  _globals['_STEPEVENT']._serialized_end=1085
-  _globals['_DENOISERESULT']._serialized_start=1087
-  _globals['_DENOISERESULT']._serialized_end=1184
-  _globals['_WINDOWSTATUS']._serialized_start=1186
-  _globals['_WINDOWSTATUS']._serialized_end=1261
-  _globals['_DENOISEEVENT']._serialized_start=1264
-  _globals['_DENOISEEVENT']._serialized_end=1409
-  _globals['_ENCODEREQUEST']._serialized_start=1412
-  _globals['_ENCODEREQUEST']._serialized_end=1572
-  _globals['_ENCODERESPONSE']._serialized_start=1574
-  _globals['_ENCODERESPONSE']._serialized_end=1631
-  _globals['_DECODEREQUEST']._serialized_start=1633
-  _globals['_DECODEREQUEST']._serialized_end=1740
-  _globals['_DECODERESPONSE']._serialized_start=1742
-  _globals['_DECODERESPONSE']._serialized_end=1840
-  _globals['_MODELINFO']._serialized_start=1843
-  _globals['_MODELINFO']._serialized_end=2153
-  _globals['_LISTMODELSREQUEST']._serialized_start=2155
-  _globals['_LISTMODELSREQUEST']._serialized_end=2174
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2176
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2233
-  _globals['_INSPECTMODELREQUEST']._serialized_start=2235
-  _globals['_INSPECTMODELREQUEST']._serialized_end=2271
-  _globals['_LOADMODELREQUEST']._serialized_start=2273
-  _globals['_LOADMODELREQUEST']._serialized_end=2354
-  _globals['_UNLOADMODELREQUEST']._serialized_start=2356
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2391
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2393
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=2414
-  _globals['_DENOISER']._serialized_start=2563
-  _globals['_DENOISER']._serialized_end=3111
+  _globals['_DENOISEREQUEST']._serialized_end=996
+  _globals['_STEPEVENT']._serialized_start=999
+  _globals['_STEPEVENT']._serialized_end=1132
+  _globals['_DENOISERESULT']._serialized_start=1134
+  _globals['_DENOISERESULT']._serialized_end=1231
+  _globals['_WINDOWSTATUS']._serialized_start=1233
+  _globals['_WINDOWSTATUS']._serialized_end=1308
+  _globals['_DENOISEEVENT']._serialized_start=1311
+  _globals['_DENOISEEVENT']._serialized_end=1456
+  _globals['_ENCODEREQUEST']._serialized_start=1459
+  _globals['_ENCODEREQUEST']._serialized_end=1619
+  _globals['_ENCODERESPONSE']._serialized_start=1621
+  _globals['_ENCODERESPONSE']._serialized_end=1678
+  _globals['_DECODEREQUEST']._serialized_start=1680
+  _globals['_DECODEREQUEST']._serialized_end=1787
+  _globals['_DECODERESPONSE']._serialized_start=1789
+  _globals['_DECODERESPONSE']._serialized_end=1887
+  _globals['_MODELINFO']._serialized_start=1890
+  _globals['_MODELINFO']._serialized_end=2200
+  _globals['_LISTMODELSREQUEST']._serialized_start=2202
+  _globals['_LISTMODELSREQUEST']._serialized_end=2221
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2223
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2280
+  _globals['_INSPECTMODELREQUEST']._serialized_start=2282
+  _globals['_INSPECTMODELREQUEST']._serialized_end=2318
+  _globals['_LOADMODELREQUEST']._serialized_start=2320
+  _globals['_LOADMODELREQUEST']._serialized_end=2401
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2403
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2438
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2440
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2461
+  _globals['_DENOISER']._serialized_start=2610
+  _globals['_DENOISER']._serialized_end=3158
 # @@protoc_insertion_point(module_scope)

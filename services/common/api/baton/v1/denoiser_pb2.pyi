@@ -24,7 +24,7 @@ MODEL_STATE_OFFLOADED: ModelState
 MODEL_STATE_AVAILABLE: ModelState
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "steps", "guidance_scale", "scheduler", "scheduler_config", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "num_images", "preview_every", "max_sequence_length", "guidance_rescale", "output_key", "loras", "textual_inversions")
+    __slots__ = ("model", "prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "steps", "guidance_scale", "scheduler", "scheduler_config", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "num_images", "preview_every", "max_sequence_length", "guidance_rescale", "output_key", "loras", "textual_inversions", "seeds", "restart_solver_history")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class DenoiseRequest(_message.Message):
     OUTPUT_KEY_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     TEXTUAL_INVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_SOLVER_HISTORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -79,7 +81,9 @@ class DenoiseRequest(_message.Message):
     output_key: str
     loras: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.Lora]
     textual_inversions: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.TextualInversion]
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., mask: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., output_key: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[_adapters_pb2.Lora, _Mapping]]] = ..., textual_inversions: _Optional[_Iterable[_Union[_adapters_pb2.TextualInversion, _Mapping]]] = ...) -> None: ...
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    restart_solver_history: bool
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., image: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., mask: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., preview_every: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., output_key: _Optional[str] = ..., loras: _Optional[_Iterable[_Union[_adapters_pb2.Lora, _Mapping]]] = ..., textual_inversions: _Optional[_Iterable[_Union[_adapters_pb2.TextualInversion, _Mapping]]] = ..., seeds: _Optional[_Iterable[int]] = ..., restart_solver_history: _Optional[bool] = ...) -> None: ...
 
 class StepEvent(_message.Message):
     __slots__ = ("step", "total", "timestep", "sigma", "preview_png", "elapsed_s", "checkpoint")

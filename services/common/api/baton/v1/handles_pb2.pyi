@@ -97,7 +97,7 @@ class SchedulerSpec(_message.Message):
     def __init__(self, class_name: _Optional[str] = ..., config_json: _Optional[str] = ..., steps: _Optional[int] = ..., state: _Optional[_Union[BlobHandle, _Mapping]] = ..., mu: _Optional[float] = ..., sigmas: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LatentHandle(_message.Message):
-    __slots__ = ("blob", "space", "scaling", "noise", "scheduler", "seed", "width", "height", "model")
+    __slots__ = ("blob", "space", "scaling", "noise", "scheduler", "seed", "width", "height", "model", "seeds")
     BLOB_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
     SCALING_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class LatentHandle(_message.Message):
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
     blob: BlobHandle
     space: str
     scaling: LatentScaling
@@ -116,4 +117,5 @@ class LatentHandle(_message.Message):
     width: int
     height: int
     model: str
-    def __init__(self, blob: _Optional[_Union[BlobHandle, _Mapping]] = ..., space: _Optional[str] = ..., scaling: _Optional[_Union[LatentScaling, str]] = ..., noise: _Optional[_Union[NoiseLevel, _Mapping]] = ..., scheduler: _Optional[_Union[SchedulerSpec, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, blob: _Optional[_Union[BlobHandle, _Mapping]] = ..., space: _Optional[str] = ..., scaling: _Optional[_Union[LatentScaling, str]] = ..., noise: _Optional[_Union[NoiseLevel, _Mapping]] = ..., scheduler: _Optional[_Union[SchedulerSpec, _Mapping]] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., model: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...

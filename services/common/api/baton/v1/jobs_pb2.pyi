@@ -45,7 +45,7 @@ STAGE_STATE_FAILED: StageState
 STAGE_STATE_CANCELLED: StageState
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "seed", "width", "height", "inputs", "stages", "outputs", "labels", "timeout_s")
+    __slots__ = ("name", "seed", "width", "height", "inputs", "stages", "outputs", "labels", "timeout_s", "seeds")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class JobSpec(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     seed: int
     width: int
@@ -71,7 +72,8 @@ class JobSpec(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[OutputSpec]
     labels: _containers.ScalarMap[str, str]
     timeout_s: float
-    def __init__(self, name: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., timeout_s: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("name", "path", "blob", "latents")
@@ -102,7 +104,7 @@ class StageSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., denoise: _Optional[_Union[DenoiseStage, _Mapping]] = ..., interpose: _Optional[_Union[InterposeStage, _Mapping]] = ..., process: _Optional[_Union[ProcessStage, _Mapping]] = ..., decode: _Optional[_Union[DecodeStage, _Mapping]] = ..., encode: _Optional[_Union[EncodeStage, _Mapping]] = ...) -> None: ...
 
 class DenoiseStage(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "scheduler_config", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "guidance_rescale", "latents_processors", "output_processors", "preview_every", "num_images", "loras", "textual_inversions")
+    __slots__ = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "denoising_start", "denoising_end", "latents", "image", "mask", "strength", "seed", "width", "height", "scheduler_config", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "guidance_rescale", "latents_processors", "output_processors", "preview_every", "num_images", "loras", "textual_inversions", "seeds", "restart_solver_history")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +133,8 @@ class DenoiseStage(_message.Message):
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     TEXTUAL_INVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_SOLVER_HISTORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -159,7 +163,9 @@ class DenoiseStage(_message.Message):
     num_images: int
     loras: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.Lora]
     textual_inversions: _containers.RepeatedCompositeFieldContainer[_adapters_pb2.TextualInversion]
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[str] = ..., image: _Optional[str] = ..., mask: _Optional[str] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., latents_processors: _Optional[_Iterable[str]] = ..., output_processors: _Optional[_Iterable[str]] = ..., preview_every: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_adapters_pb2.Lora, _Mapping]]] = ..., textual_inversions: _Optional[_Iterable[_Union[_adapters_pb2.TextualInversion, _Mapping]]] = ...) -> None: ...
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    restart_solver_history: bool
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., denoising_start: _Optional[float] = ..., denoising_end: _Optional[float] = ..., latents: _Optional[str] = ..., image: _Optional[str] = ..., mask: _Optional[str] = ..., strength: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., scheduler_config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., prompt_2: _Optional[str] = ..., negative_prompt_2: _Optional[str] = ..., prompt_3: _Optional[str] = ..., negative_prompt_3: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., guidance_rescale: _Optional[float] = ..., latents_processors: _Optional[_Iterable[str]] = ..., output_processors: _Optional[_Iterable[str]] = ..., preview_every: _Optional[int] = ..., num_images: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[_adapters_pb2.Lora, _Mapping]]] = ..., textual_inversions: _Optional[_Iterable[_Union[_adapters_pb2.TextualInversion, _Mapping]]] = ..., seeds: _Optional[_Iterable[int]] = ..., restart_solver_history: _Optional[bool] = ...) -> None: ...
 
 class InterposeStage(_message.Message):
     __slots__ = ("latents", "target", "method", "source_model", "target_model")
