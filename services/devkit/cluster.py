@@ -76,9 +76,14 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+def _well_known() -> set[int]:
+    return {*DEFAULT_PORTS.values(), *(port - 50051 + 9151 for port in DEFAULT_PORTS.values())}
+
+
 def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
     """`preferred` if it is free, else a free port this process has not handed out before (a child
-    binds its port only once it runs, so two children chosen in a row must not get the same one)."""
+    binds its port only once it runs, so two children chosen in a row must not get the same one),
+    and never a well-known one: a service on a chosen port must not take the port `baton up` wants."""
     if preferred and port_is_free(preferred, host):
         _handed_out.add(preferred)
         return preferred
@@ -86,7 +91,7 @@ def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-        if port not in _handed_out:
+        if port not in _handed_out and port not in _well_known():
             _handed_out.add(port)
             return port
 

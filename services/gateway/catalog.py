@@ -20,6 +20,9 @@ from services.gateway.discovery import cluster_models
 
 # A lookup never waits longer than this, whatever the caller's deadline.
 LOOKUP_S = 60.0
+# How long a model or adapter lookup waits for a denoiser to be registered: a worker that just
+# started, or whose record lapsed for a heartbeat, is transient; no denoiser at all is not.
+WORKER_WAIT_S = 5.0
 
 
 class ModelCatalog:
@@ -57,7 +60,7 @@ class ModelCatalog:
                 model=name,
                 what=f"looking up model {name!r}",
                 light=True,
-                wait_s=0,
+                wait_s=WORKER_WAIT_S,
             )
         except grpc.aio.AioRpcError as exc:
             # The denoiser's verdict keeps its kind: pickled weights or a source its model-sources
@@ -109,7 +112,7 @@ class ModelCatalog:
                 model=request.model,
                 what=f"looking up a {kind} for model {request.model!r}",
                 light=True,
-                wait_s=0,
+                wait_s=WORKER_WAIT_S,
             )
         except grpc.aio.AioRpcError as exc:
             # The denoiser's verdict keeps its kind, and its field within the adapter
