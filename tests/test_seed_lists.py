@@ -11,8 +11,10 @@ from diffusers import FluxPipeline
 from google.protobuf import json_format
 
 from services.common.api.baton.v1 import denoiser_pb2 as dpb
+from services.common.api.baton.v1 import handles_pb2 as pb
 from services.common.api.baton.v1 import jobs_pb2 as jpb
 from services.common.errors import InvalidArgument
+from services.common.job_files import read_latents_file, write_output
 from services.denoiser.models import LoadOptions, inspect_model
 from services.denoiser.servicer import model_info
 from services.gateway.planner import Planner
@@ -137,6 +139,22 @@ def test_planner_hands_the_seed_list_to_the_worker(planner):
 def test_planner_gives_the_jobs_seeds_to_stages_without_their_own(planner):
     plan = planner.plan(job({"denoising_end": 0.5}, {}, seeds=SEEDS))
     assert [list(plan.stages[s].request.seeds) for s in ("draw", "finish")] == [SEEDS, SEEDS]
+
+
+@pytest.mark.parametrize("own", [{"seeds": SEEDS}, {"seed": 5}], ids=["seeds", "seed"])
+def test_a_continuation_without_its_own_seed_keeps_the_seeds_of_the_stage_it_continues(planner, own):
+    """The job's seed does not replace them: the denoiser takes the continued images' seeds from their handle."""
+    plan = planner.plan(job({"denoising_end": 0.5, **own}, {}, seed=9))
+    finish = plan.stages["finish"].request
+    assert not finish.HasField("seed") and not finish.seeds
+    told = planner.plan(job({"denoising_end": 0.5, **own}, {"seed": 9}))  # a seed of its own still wins
+    assert told.stages["finish"].request.seed == 9
+
+
+def test_latents_files_record_each_image_s_seed(tmp_path):
+    handle = pb.LatentHandle(space="sd1", seed=SEEDS[0], seeds=SEEDS, noise=pb.NoiseLevel(fraction=1.0))
+    path = write_output(tmp_path / "l.safetensors", latents=torch.zeros(2, 4, 8, 8), handle=handle)
+    assert list(read_latents_file(path)[1].seeds) == SEEDS
 
 
 @pytest.mark.parametrize(

@@ -417,6 +417,8 @@ def _meta_from_handle(handle: pb.LatentHandle) -> dict[str, str]:
         "height": str(handle.height),
         "model": handle.model,
     }
+    if handle.seeds:
+        meta["seeds"] = json.dumps([int(seed) for seed in handle.seeds])  # one per image, as a JSON list
     if handle.scaling in _SCALING_NAMES:
         meta["scaling"] = _SCALING_NAMES[handle.scaling]
     return meta
@@ -435,6 +437,7 @@ def _handle_from_meta(meta: Mapping[str, Any], path: Path) -> pb.LatentHandle:
             width=int(meta.get("width", 0)),
             height=int(meta.get("height", 0)),
             model=str(meta.get("model", "")),
+            seeds=[int(seed) for seed in json.loads(meta.get("seeds", "[]"))],
         )
         json_format.ParseDict(json.loads(meta.get("noise", "{}")), handle.noise)
         json_format.ParseDict(json.loads(meta.get("scheduler", "{}")), handle.scheduler)

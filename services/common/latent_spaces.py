@@ -34,6 +34,8 @@ class LatentSpace:
     patch: int = 1
     # Normalisation by the VAE's BatchNorm running stats (flux2); eps added to the variance.
     batchnorm_eps: float | None = None
+    # Its models are flow-matching (SD3, Flux): a schedule's sigma is its timestep / T.
+    flow: bool = False
 
     def _check(self, latents: torch.Tensor) -> None:
         if latents.ndim != 4 or latents.shape[1] != self.channels:
@@ -152,7 +154,7 @@ SPACES: dict[str, LatentSpace] = {
                          (0.0568, 0.1687, -0.0755), (-0.3112, -0.2359, -0.2076)),
         ),
         LatentSpace(
-            "sd3", "SD3 / SD3.5", 16, scale=1.5305, shift=0.0609,
+            "sd3", "SD3 / SD3.5", 16, scale=1.5305, shift=0.0609, flow=True,
             rgb_factors=(
                 (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458),
                 (0.0856, 0.0339, 0.0902), (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309),
@@ -164,7 +166,7 @@ SPACES: dict[str, LatentSpace] = {
             rgb_bias=(0.2394, 0.2135, 0.1925),
         ),
         LatentSpace(
-            "flux", "FLUX.1", 16, scale=0.3611, shift=0.1159,
+            "flux", "FLUX.1", 16, scale=0.3611, shift=0.1159, flow=True,
             rgb_factors=(
                 (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433),
                 (-0.0174, 0.0160, 0.0617), (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115),
@@ -176,7 +178,7 @@ SPACES: dict[str, LatentSpace] = {
             rgb_bias=(-0.0329, -0.0718, -0.0851),
         ),
         LatentSpace(
-            "flux2", "FLUX.2", 128, patch=2, batchnorm_eps=1e-4,
+            "flux2", "FLUX.2", 128, patch=2, batchnorm_eps=1e-4, flow=True,
             rgb_factors=(
                 (0.0058, 0.0113, 0.0073), (0.0495, 0.0443, 0.0836), (-0.0099, 0.0096, 0.0644),
                 (0.2144, 0.3009, 0.3652), (0.0166, -0.0039, -0.0054), (0.0157, 0.0103, -0.0160),

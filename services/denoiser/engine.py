@@ -52,7 +52,7 @@ from services.denoiser.inputs import Incoming, located, read_image, read_latents
 from services.denoiser.metrics import WindowTiming
 from services.denoiser.models import LoadedModel
 from services.denoiser.prompt_cache import DEFAULT_BYTES as DEFAULT_PROMPT_CACHE_BYTES
-from services.denoiser.window import DenoiseWindow, cutoff
+from services.denoiser.window import DenoiseWindow
 
 log = logging.getLogger("baton.denoiser")
 
@@ -437,7 +437,7 @@ class DenoiseEngine:
         else:
             noise = pb.NoiseLevel(
                 fraction=job.window.end,
-                cutoff_timestep=cutoff(job.window.end, T),
+                cutoff_timestep=rules.cutoff(job.window.end, T),
                 timestep=float(timesteps[result.stop]),
                 sigma=_sigma_at(scheduler, result.stop),
                 num_train_timesteps=T,

@@ -14,12 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.rules.denoise import check_strength, check_window
-
-
-def cutoff(fraction: float, num_train_timesteps: int) -> int:
-    """The training timestep at which `fraction` of the schedule is done."""
-    return round(num_train_timesteps - fraction * num_train_timesteps)
+from services.common.rules.denoise import check_strength, check_window, cutoff
 
 
 @dataclass(frozen=True)

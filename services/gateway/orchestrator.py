@@ -35,6 +35,7 @@ from services.common.errors import BatonError, BlobNotFound, RedisDown, Unavaila
 from services.common.limits import DEFAULT, Limits
 from services.common.redis_conn import REDIS_DOWN
 from services.common.rules.blobs import check_store_handle
+from services.common.rules.declared import apply_declarations
 from services.common.workers import Worker, WorkerPool
 from services.gateway import metrics
 from services.gateway.catalog import ModelCatalog
@@ -140,8 +141,10 @@ class Orchestrator:
     # -- planning, submitting, cancelling --------------------------------------------------
     async def plan(self, spec: jpb.JobSpec, deadline: float | None = None, caller: Identity | None = None) -> Plan:
         """The checked DAG for `spec`; InvalidArgument names the stage and field at fault. With
-        `caller` (at Submit), an input blob outside the caller's tenant is NOT_FOUND."""
+        `caller` (at Submit), an input blob outside the caller's tenant is NOT_FOUND. Inputs' declared
+        noise levels are written into their handles here, in `spec`, so the job runs what was checked."""
         deadline = deadline or time.time() + 60
+        apply_declarations(spec)
         models = await self.catalog.resolve_all(referenced_models(spec), deadline)
         processors = await self.catalog.processors(deadline) if uses_processors(spec) else {}
         stored = await self._stored(spec, caller)

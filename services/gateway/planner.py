@@ -61,6 +61,8 @@ class Product:
     # state (a stage's own output does; a file input may not).
     steps: int = 0
     has_state: bool = True
+    # The latents were drawn from seeds their stage (or file) chose, which a continuation keeps.
+    seeded: bool = False
 
 
 @dataclass
@@ -310,7 +312,8 @@ class Planner:
             if (
                 mode == CONTINUE
                 and incoming is not None
-                and (incoming.model, incoming.scheduler, incoming.steps) == (body.model, scheduler, body.steps)
+                and incoming.model in ("", body.model)  # "": another tool's file, its scheduler declared
+                and (incoming.scheduler, incoming.steps) == (scheduler, body.steps)
                 and not config
             ):
                 check_solver_history(caps, incoming.has_state, body.restart_solver_history)
@@ -337,6 +340,8 @@ class Planner:
             if isinstance(found, BatonError):
                 raise found.at(stage=name, field=f"{fld}.{found.field}" if found.field else fld)
         seed = body.seed if body.HasField("seed") else spec.seed if spec.HasField("seed") and not seeds else None
+        if mode == CONTINUE and incoming is not None and incoming.seeded and not own_seed:
+            seed, seeds = None, []  # the denoiser keeps the seed of each continued image
         planned.request = _denoise_request(
             body,
             scheduler,
@@ -359,6 +364,7 @@ class Planner:
             height,
             batch,
             body.steps,
+            seeded=own_seed or (mode == CONTINUE and incoming is not None and incoming.seeded),
         )
 
     def _interpose(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
@@ -469,6 +475,7 @@ class Planner:
                 shape[0] if len(shape) == 4 else 1 if len(shape) == 3 else 0,
                 handle.scheduler.steps,
                 bool(handle.scheduler.state.key),
+                seeded=bool(handle.model) and bool(handle.seed or handle.seeds),
             )
         if source == "blob":
             if spec.blob.media_type.startswith("image/"):

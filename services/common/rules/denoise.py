@@ -17,6 +17,13 @@ PROMPTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt
 MAX_SEQUENCE_LENGTH = 512
 
 
+def cutoff(fraction: float, num_train_timesteps: int) -> int:
+    """The training timestep at which `fraction` of the schedule is done (diffusers' denoising_end /
+    denoising_start rule): a window ending at `fraction` keeps the timesteps at or above it, one
+    starting there runs those strictly below it."""
+    return round(num_train_timesteps - fraction * num_train_timesteps)
+
+
 def finite(value: float, fld: str) -> None:
     if not math.isfinite(value):
         raise InvalidArgument(f"must be a finite number, got {value}", field=fld)

@@ -76,16 +76,38 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., timeout_s: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("name", "path", "blob", "latents")
+    __slots__ = ("name", "path", "blob", "latents", "declared")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     BLOB_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
+    DECLARED_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     blob: _handles_pb2.BlobHandle
     latents: _handles_pb2.LatentHandle
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., blob: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ...) -> None: ...
+    declared: DeclaredLevel
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., blob: _Optional[_Union[_handles_pb2.BlobHandle, _Mapping]] = ..., latents: _Optional[_Union[_handles_pb2.LatentHandle, _Mapping]] = ..., declared: _Optional[_Union[DeclaredLevel, _Mapping]] = ...) -> None: ...
+
+class DeclaredLevel(_message.Message):
+    __slots__ = ("space", "scaling", "denoising_end", "timestep", "sigma", "scheduler", "steps", "num_train_timesteps")
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    DENOISING_END_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRAIN_TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
+    space: str
+    scaling: _handles_pb2.LatentScaling
+    denoising_end: float
+    timestep: float
+    sigma: float
+    scheduler: str
+    steps: int
+    num_train_timesteps: int
+    def __init__(self, space: _Optional[str] = ..., scaling: _Optional[_Union[_handles_pb2.LatentScaling, str]] = ..., denoising_end: _Optional[float] = ..., timestep: _Optional[float] = ..., sigma: _Optional[float] = ..., scheduler: _Optional[str] = ..., steps: _Optional[int] = ..., num_train_timesteps: _Optional[int] = ...) -> None: ...
 
 class StageSpec(_message.Message):
     __slots__ = ("name", "denoise", "interpose", "process", "decode", "encode")
