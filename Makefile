@@ -49,6 +49,7 @@ bench: setup
 	$(PY) -m bench.interposer
 	$(PY) -m bench.cli_start
 	$(PY) -m bench.batching --quick
+	$(PY) -m bench.forward_cost
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
