@@ -340,7 +340,8 @@ class Planner:
             if isinstance(found, BatonError):
                 raise found.at(stage=name, field=f"{fld}.{found.field}" if found.field else fld)
         seed = body.seed if body.HasField("seed") else spec.seed if spec.HasField("seed") and not seeds else None
-        if mode == CONTINUE and incoming is not None and incoming.seeded and not own_seed:
+        keeps_seeds = mode == CONTINUE and incoming is not None and incoming.seeded
+        if keeps_seeds and not own_seed:
             seed, seeds = None, []  # the denoiser keeps the seed of each continued image
         planned.request = _denoise_request(
             body,
@@ -364,7 +365,7 @@ class Planner:
             height,
             batch,
             body.steps,
-            seeded=own_seed or (mode == CONTINUE and incoming is not None and incoming.seeded),
+            seeded=own_seed or keeps_seeds,
         )
 
     def _interpose(self, spec, planned: PlannedStage, products: dict[str, Product]) -> Product:
